@@ -1,0 +1,289 @@
+//! API types of schemagate. Every doc comment here becomes `kubectl explain` text.
+
+use k8s_openapi::api::core::v1::{EnvVar, PodSecurityContext, ResourceRequirements, SecurityContext};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every schemagate resource, label and annotation.
+pub const GROUP: &str = "schemagate.dev";
+/// Deployment label naming the DatabaseMigration whose revision it needs.
+pub const MIGRATION_LABEL: &str = "schemagate.dev/migration";
+/// Pod-template annotation naming the revision the Deployment's code needs.
+pub const REVISION_ANNOTATION: &str = "schemagate.dev/revision";
+/// Deployment annotation set while schemagate holds its rollout; the value is the revision awaited.
+pub const HELD_FOR_ANNOTATION: &str = "schemagate.dev/held-for";
+/// DatabaseMigration annotation: a new value starts a new attempt of a failed migration.
+pub const RETRY_ANNOTATION: &str = "schemagate.dev/retry";
+
+/// A database migration that must be applied before the code that needs it rolls out.
+///
+/// schemagate runs `spec.migrator` as a Job inside the cluster, then reads the applied
+/// revision from the database itself. Deployments labelled
+/// `schemagate.dev/migration: <name>` whose pod template carries the annotation
+/// `schemagate.dev/revision` stay paused until that revision is in the database.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "schemagate.dev",
+    version = "v1alpha1",
+    kind = "DatabaseMigration",
+    plural = "databasemigrations",
+    shortname = "dbm",
+    namespaced,
+    status = "DatabaseMigrationStatus",
+    printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".spec.revision","description":"Revision the migrator brings the database to"}"#,
+    printcolumn = r#"{"name":"Applied","type":"string","jsonPath":".status.appliedRevision","description":"Revision read from the database"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseMigrationSpec {
+    /// The database to migrate and how to read its applied revision.
+    pub database: DatabaseSpec,
+    /// The program that migrates the database, run as a Kubernetes Job.
+    pub migrator: MigratorSpec,
+    /// The revision the migrator brings the database to, as the migration tool records it
+    /// (for Alembic the revision id in `alembic_version`, for Flyway the version, ...).
+    #[schemars(length(min = 1))]
+    pub revision: String,
+    /// How often the applied revision is read again once Ready, to notice drift (a restore,
+    /// a manual downgrade). A Go-style duration such as `30s`, `5m` or `1h`. Default `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub drift_check_interval: Option<String>,
+    /// When true, no new migration Job is started; the applied revision is still read and
+    /// Deployments are still held or released by it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+}
+
+/// Where the database is and how its migration tool records what is applied.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    /// The database server's kind: `postgres`, or `mysql` (MySQL and MariaDB).
+    pub engine: Engine,
+    /// The Secret key holding the database URL, such as
+    /// `postgres://user:password@host:5432/app`. The URL reaches the migrator only as the
+    /// environment variable named by `migrator.urlEnvName`, and is never logged.
+    pub url_secret_ref: SecretKeySelector,
+    /// Which migration tool's version table holds the applied revisions.
+    pub tracking: Tracking,
+}
+
+/// Database server kinds.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// PostgreSQL.
+    Postgres,
+    /// MySQL or MariaDB.
+    Mysql,
+}
+
+/// A key of a Secret in the DatabaseMigration's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeySelector {
+    /// Name of the Secret.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key within the Secret. Default `url`.
+    #[serde(default = "default_url_key")]
+    pub key: String,
+}
+
+fn default_url_key() -> String {
+    "url".to_string()
+}
+
+/// How the applied revision is read: a known tool's version table, or a query.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.tool) != has(self.query)",
+    "message": "set exactly one of tracking.tool or tracking.query"
+}]))]
+pub struct Tracking {
+    /// The migration tool whose version table is read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<TrackingTool>,
+    /// A read-only SQL query returning the applied revisions, one per row in the first
+    /// column (text). Use it for tools not listed in `tool`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// The version table's name when the tool was configured with a non-default one
+    /// (for example Flyway's `flyway.table`). Optionally schema-qualified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$"))]
+    pub table: Option<String>,
+}
+
+/// Migration tools whose version tables schemagate reads.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrackingTool {
+    /// Alembic: `alembic_version.version_num`, the current head(s).
+    Alembic,
+    /// Flyway: `flyway_schema_history`, versions with `success`.
+    Flyway,
+    /// golang-migrate: `schema_migrations.version`, the current head and its `dirty` flag.
+    GolangMigrate,
+    /// sqlx: `_sqlx_migrations.version` with `success`.
+    Sqlx,
+    /// Rails (Active Record): `schema_migrations.version`.
+    Rails,
+    /// Django: `django_migrations`, revisions as `app.name`.
+    Django,
+    /// Liquibase: `databasechangelog.id`.
+    Liquibase,
+    /// Prisma: `_prisma_migrations.migration_name`, finished and not rolled back.
+    Prisma,
+    /// Atlas: `atlas_schema_revisions.version`, fully applied.
+    Atlas,
+    /// schemagate's own table `schemagate_revisions(revision)`, for migrators without one.
+    Schemagate,
+}
+
+/// The migrator: a container run once as a Job for each new revision or spec.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigratorSpec {
+    /// Container image holding the migration tool and the migrations, usually the
+    /// application's own image at the version that needs the revision.
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// Entrypoint, such as `["alembic", "upgrade", "head"]`. The image's entrypoint when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Arguments to the entrypoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Extra environment variables for the migrator.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Name of the environment variable that carries the database URL. Default `DATABASE_URL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_env_name: Option<String>,
+    /// Compute resources of the migrator container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// ServiceAccount the migrator pod runs as. The namespace's default when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Retries of a failed migrator pod before the migration counts as failed. Default 0:
+    /// a failed migration waits for a person (see the `schemagate.dev/retry` annotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10))]
+    pub backoff_limit: Option<i32>,
+    /// Seconds the migration may run before it is stopped and counted as failed. Default 600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
+    /// Container security context. The default meets the Pod Security Standard
+    /// "restricted" (non-root, no privilege escalation, all capabilities dropped,
+    /// RuntimeDefault seccomp); override it for images that must run as root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<SecurityContext>,
+    /// Pod security context. Default: `runAsNonRoot: true` and RuntimeDefault seccomp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_security_context: Option<PodSecurityContext>,
+}
+
+/// What schemagate observed of the migration.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseMigrationStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The revision the database reports as applied (its current head, or the spec's
+    /// revision when the tool records many and that one is among them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_revision: Option<String>,
+    /// Summary of the migration: Pending, Running, Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Ready, Progressing, Failed and Drifted, after the Kubernetes condition conventions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The migration Job of the current attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<MigrationJobStatus>,
+    /// Deployments (names) in this namespace held until the revision they need is applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_deployments: Vec<String>,
+    /// The value of the `schemagate.dev/retry` annotation the current attempt answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_retry: Option<String>,
+    /// Past attempts, newest first, at most 10.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEntry>,
+}
+
+/// Summary phases of a DatabaseMigration.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Nothing runs yet: waiting for input (a Secret, the database) or for another migration.
+    Pending,
+    /// The migration Job runs.
+    Running,
+    /// The database reports the revision.
+    Succeeded,
+    /// The migration failed; see the Failed condition.
+    Failed,
+}
+
+/// The migration Job of the current attempt.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationJobStatus {
+    /// Name of the Job.
+    pub name: String,
+    /// When the Job started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the Job finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// How the Job ended: the reason, and the tail of the migrator's termination message
+    /// with anything secret removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One finished attempt.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    /// The revision the attempt was to apply.
+    pub revision: String,
+    /// The Job that ran it; empty when the database already had the revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// When the attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When the attempt ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// `Succeeded`, `Adopted` (already in the database) or `Failed`.
+    pub result: String,
+    /// What asked for the attempt: `spec` (generation N) or `retry` (the annotation's value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+}
+
+/// The standard condition types of a DatabaseMigration.
+pub mod condition {
+    /// The database reports the revision; Deployments needing it are released.
+    pub const READY: &str = "Ready";
+    /// A migration is under way.
+    pub const PROGRESSING: &str = "Progressing";
+    /// The last attempt failed.
+    pub const FAILED: &str = "Failed";
+    /// The database no longer reports a revision it reported before.
+    pub const DRIFTED: &str = "Drifted";
+}
