@@ -32,10 +32,11 @@ pub const RETRY_ANNOTATION: &str = "schemagate.dev/retry";
     shortname = "dbm",
     namespaced,
     status = "DatabaseMigrationStatus",
+    doc = "A database migration run in the cluster and verified in the database; Deployments that need its revision are held until the database reports it.",
     printcolumn = r#"{"name":"Revision","type":"string","jsonPath":".spec.revision","description":"Revision the migrator brings the database to"}"#,
     printcolumn = r#"{"name":"Applied","type":"string","jsonPath":".status.appliedRevision","description":"Revision read from the database"}"#,
-    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase","description":"Pending, Running, Succeeded or Failed"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","description":"Whether the database reports the revision"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -203,6 +204,12 @@ pub struct DatabaseMigrationStatus {
     /// revision when the tool records many and that one is among them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_revision: Option<String>,
+    /// Revisions known to be applied, oldest first, at most 100: the tool's applied set, or
+    /// for tools that record only their head (Alembic, golang-migrate) the heads this
+    /// resource saw applied in order up to the current one. Deployments needing any of
+    /// them are released.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied_revisions: Vec<String>,
     /// Summary of the migration: Pending, Running, Succeeded or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,

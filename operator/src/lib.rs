@@ -1,1 +1,28 @@
+//! schemagate: holds Kubernetes rollouts until their database migrations are applied.
+//!
+//! A reconcile reads top to bottom: [`observe`] reads the world, [`plan`] decides (pure),
+//! [`apply`] writes the Job and the status. [`gate`] decides holds and releases for the
+//! admission [`webhook`] and the backstop in [`controller`].
 
+pub mod apply;
+pub mod certs;
+pub mod check;
+pub mod cli;
+pub mod conditions;
+pub mod context;
+pub mod controller;
+pub mod duration;
+pub mod error;
+pub mod gate;
+pub mod job;
+pub mod observe;
+pub mod plan;
+pub mod probe;
+pub mod run;
+pub mod telemetry;
+pub mod webhook;
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+pub use context::FIELD_MANAGER;

@@ -19,6 +19,7 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 	"k8s.io/component-base/cli"
 	kubectl "k8s.io/kubectl/pkg/cmd"
+	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 )
@@ -42,7 +43,11 @@ func main() {
 	case "kube-controller-manager":
 		os.Exit(cli.Run(controllermanager.NewControllerManagerCommand()))
 	case "kubectl":
-		os.Exit(cli.RunNoErrOutput(kubectl.NewDefaultKubectlCommand()))
+		if err := cli.RunNoErrOutput(kubectl.NewDefaultKubectlCommand()); err != nil {
+			// As cmd/kubectl does: print the error the way kubectl users expect, then exit non-zero.
+			kubectlutil.CheckErr(err)
+		}
+		os.Exit(0)
 	default:
 		fmt.Fprintf(os.Stderr, "k8s: unknown component %q\n", component)
 		os.Exit(2)

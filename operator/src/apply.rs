@@ -1,0 +1,81 @@
+//! Writes what the plan decided: the migration Job, then the status, then the Events.
+
+use crate::context::{Context, FIELD_MANAGER};
+use crate::error::{Error, Result};
+use crate::plan::{Note, Plan};
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::Event;
+use kube::{Resource, ResourceExt};
+use schemagate_crds::{DatabaseMigration, DatabaseMigrationStatus};
+
+/// Creates the Job if the plan asks for one. The name is deterministic, so a Job that
+/// already exists (an operator restart, a second replica) is the same attempt: it is kept.
+/// Created, not applied: a Job's template is immutable, and re-applying it after an
+/// operator upgrade changed the template would fail instead of keeping the running attempt.
+pub async fn apply(ctx: &Context, migration: &DatabaseMigration, plan: &Plan) -> Result<()> {
+    let Some(job) = &plan.create_job else {
+        return Ok(());
+    };
+    let namespace = migration.namespace().unwrap_or_default();
+    let name = job.name_any();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..Default::default()
+    };
+    match jobs.create(&params, job).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(source) => Err(Error::Kube {
+            action: format!("create Job {name}"),
+            source,
+        }),
+    }
+}
+
+/// Server-side applies the status when it differs from what is stored, so an unchanged
+/// status causes no write and no new watch event.
+pub async fn update_status(
+    ctx: &Context,
+    migration: &DatabaseMigration,
+    status: &DatabaseMigrationStatus,
+) -> Result<()> {
+    if migration.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    let namespace = migration.namespace().unwrap_or_default();
+    let name = migration.name_any();
+    let api: Api<DatabaseMigration> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = serde_json::json!({
+        "apiVersion": DatabaseMigration::api_version(&()),
+        "kind": DatabaseMigration::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::kube(format!("update status of DatabaseMigration {name}")))?;
+    Ok(())
+}
+
+/// Publishes the plan's Events on the DatabaseMigration. An Event that cannot be written
+/// is logged, not fatal: the status already says the same.
+pub async fn publish(ctx: &Context, migration: &DatabaseMigration, notes: &[Note]) {
+    let reference = migration.object_ref(&());
+    for note in notes {
+        let event = Event {
+            type_: note.type_,
+            reason: note.reason.to_string(),
+            note: Some(note.message.clone()),
+            action: "Migrate".to_string(),
+            secondary: None,
+        };
+        if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(%error, reason = note.reason, "cannot publish Event");
+        }
+    }
+}

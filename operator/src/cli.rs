@@ -1,0 +1,358 @@
+//! The `schemagate` command line.
+
+use crate::certs::CertNames;
+use crate::check;
+use crate::controller::ControllerConfig;
+use crate::probe;
+use crate::run::{CertificateSource, RunConfig, WebhookSettings};
+use crate::telemetry::{LogFormat, init_logging};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kube::api::Api;
+use kube::{Client, CustomResourceExt};
+use schemagate_crds::{DatabaseMigration, Engine, Tracking, TrackingTool};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "schemagate",
+    version,
+    about = "Holds Kubernetes rollouts until their database migrations are applied",
+    long_about = "schemagate runs database migrations as Kubernetes Jobs, reads the applied revision from the database itself, and keeps opted-in Deployments paused until the revision their code needs is there."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the operator: controllers, admission webhook, metrics and health endpoints.
+    Run(RunArgs),
+    /// Print the DatabaseMigration CustomResourceDefinition as YAML.
+    Crd,
+    /// Print the revisions a database reports as applied.
+    Probe(ProbeArgs),
+    /// List opted-in Deployments and whether their required revisions are applied; exits 1
+    /// if any is pending (for CI pipelines, before or after a deploy).
+    Check(CheckArgs),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Watch only this namespace (all namespaces when empty).
+    #[arg(long, env = "SCHEMAGATE_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+    /// Reconciles running at once, per controller.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: u16,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Address the admission webhook listens on (TLS).
+    #[arg(long, default_value = "0.0.0.0:9443")]
+    pub webhook_addr: SocketAddr,
+    /// Run without the admission webhook: the controller alone holds rollouts, after the
+    /// Deployment controller may already have started one.
+    #[arg(long)]
+    pub no_webhook: bool,
+    /// The MutatingWebhookConfiguration whose CA bundle the operator keeps current.
+    #[arg(long)]
+    pub webhook_config_name: Option<String>,
+    /// The Service in front of the webhook, for the certificate's names.
+    #[arg(long, default_value = "schemagate")]
+    pub webhook_service_name: String,
+    /// Namespace of that Service and of the certificate Secret.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "schemagate-system")]
+    pub webhook_service_namespace: String,
+    /// Secret where the operator keeps the webhook's certificate.
+    #[arg(long, default_value = "schemagate-webhook-tls")]
+    pub webhook_cert_secret: String,
+    /// IP addresses the webhook certificate is also valid for (repeatable).
+    #[arg(long = "webhook-cert-ip")]
+    pub webhook_cert_ips: Vec<IpAddr>,
+    /// Read tls.crt and tls.key from this directory (cert-manager) instead of managing them.
+    #[arg(long)]
+    pub webhook_cert_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// Probe the database of this DatabaseMigration, through its Secret (needs cluster access).
+    pub migration: Option<String>,
+    /// Namespace of the DatabaseMigration.
+    #[arg(short, long)]
+    pub namespace: Option<String>,
+    /// Database engine, when probing without a DatabaseMigration.
+    #[arg(long, value_enum, required_unless_present = "migration")]
+    pub engine: Option<EngineArg>,
+    /// Migration tool whose version table is read.
+    #[arg(long, value_enum, conflicts_with = "query")]
+    pub tool: Option<ToolArg>,
+    /// SQL query returning the applied revisions in its first column.
+    #[arg(long)]
+    pub query: Option<String>,
+    /// Non-default version table name.
+    #[arg(long)]
+    pub table: Option<String>,
+    /// Environment variable holding the database URL (never pass a password as an argument).
+    #[arg(long, default_value = "DATABASE_URL")]
+    pub url_env: String,
+    /// Exit 1 unless this revision is applied.
+    #[arg(long)]
+    pub revision: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum EngineArg {
+    Postgres,
+    Mysql,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ToolArg {
+    Alembic,
+    Flyway,
+    GolangMigrate,
+    Sqlx,
+    Rails,
+    Django,
+    Liquibase,
+    Prisma,
+    Atlas,
+    Schemagate,
+}
+
+impl From<ToolArg> for TrackingTool {
+    fn from(tool: ToolArg) -> Self {
+        match tool {
+            ToolArg::Alembic => TrackingTool::Alembic,
+            ToolArg::Flyway => TrackingTool::Flyway,
+            ToolArg::GolangMigrate => TrackingTool::GolangMigrate,
+            ToolArg::Sqlx => TrackingTool::Sqlx,
+            ToolArg::Rails => TrackingTool::Rails,
+            ToolArg::Django => TrackingTool::Django,
+            ToolArg::Liquibase => TrackingTool::Liquibase,
+            ToolArg::Prisma => TrackingTool::Prisma,
+            ToolArg::Atlas => TrackingTool::Atlas,
+            ToolArg::Schemagate => TrackingTool::Schemagate,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Namespace to check (the kubeconfig's namespace when neither this nor -A is given).
+    #[arg(short, long)]
+    pub namespace: Option<String>,
+    /// Check every namespace.
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    pub all_namespaces: bool,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+/// Runs the command line; the exit code says how it went.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!("schemagate {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Crd => match serde_yaml::to_string(&DatabaseMigration::crd()) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => fail(format!("cannot render the CRD: {error}")),
+        },
+        Command::Run(args) => run(args).await,
+        Command::Probe(args) => probe_command(args).await,
+        Command::Check(args) => check_command(args).await,
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(2)
+}
+
+async fn client() -> Result<Client, String> {
+    Client::try_default()
+        .await
+        .map_err(|e| format!("cannot reach Kubernetes (KUBECONFIG or in-cluster config): {e}"))
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    init_logging(args.log_format);
+    let client = match client().await {
+        Ok(client) => client,
+        Err(message) => return fail(message),
+    };
+    let webhook = (!args.no_webhook).then(|| WebhookSettings {
+        addr: args.webhook_addr,
+        certificate: match &args.webhook_cert_dir {
+            Some(dir) => CertificateSource::Directory(dir.clone()),
+            None => CertificateSource::Managed {
+                namespace: args.webhook_service_namespace.clone(),
+                secret: args.webhook_cert_secret.clone(),
+                names: CertNames::for_service(
+                    &args.webhook_service_name,
+                    &args.webhook_service_namespace,
+                    args.webhook_cert_ips.clone(),
+                ),
+            },
+        },
+        config_name: args.webhook_config_name.clone(),
+    });
+    let config = RunConfig {
+        controller: ControllerConfig {
+            namespace: args.watch_namespace.clone(),
+            concurrency: args.concurrency.max(1),
+        },
+        metrics_addr: Some(args.metrics_addr),
+        webhook,
+    };
+    match crate::run::run(client, config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "schemagate stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
+async fn probe_command(args: ProbeArgs) -> ExitCode {
+    let (engine, tracking, url, revision) = match &args.migration {
+        Some(name) => {
+            let client = match client().await {
+                Ok(client) => client,
+                Err(message) => return fail(message),
+            };
+            let namespace = args
+                .namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_string());
+            let api: Api<DatabaseMigration> = Api::namespaced(client.clone(), &namespace);
+            let migration = match api.get(name).await {
+                Ok(migration) => migration,
+                Err(error) => return fail(format!("DatabaseMigration {namespace}/{name}: {error}")),
+            };
+            let ctx_url = crate::observe::read_database_url_with(&client, &namespace, &migration).await;
+            let url = match ctx_url {
+                Ok(url) => url,
+                Err(error) => return fail(error.chain()),
+            };
+            let revision = args.revision.clone().or(Some(migration.spec.revision.clone()));
+            (migration.spec.database.engine, migration.spec.database.tracking, url, revision)
+        }
+        None => {
+            let engine = match args.engine {
+                Some(EngineArg::Postgres) | None => Engine::Postgres,
+                Some(EngineArg::Mysql) => Engine::Mysql,
+            };
+            if args.tool.is_none() && args.query.is_none() {
+                return fail("name a --tool or a --query (or a DatabaseMigration)");
+            }
+            let tracking = Tracking {
+                tool: args.tool.map(TrackingTool::from),
+                query: args.query.clone(),
+                table: args.table.clone(),
+            };
+            let url = match std::env::var(&args.url_env) {
+                Ok(url) => url,
+                Err(_) => return fail(format!("set the database URL in the environment variable {}", args.url_env)),
+            };
+            (engine, tracking, url, args.revision.clone())
+        }
+    };
+    match probe::probe_revisions(engine, &url, &tracking).await {
+        Ok(applied) => {
+            if applied.revisions.is_empty() {
+                println!("no revision applied");
+            }
+            for revision in &applied.revisions {
+                println!("{revision}");
+            }
+            match revision {
+                Some(required) if !probe::is_satisfied(&applied, &required, &[]) => {
+                    eprintln!("revision {required} is not applied");
+                    ExitCode::FAILURE
+                }
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Err(error) => fail(format!("{error} ({})", error.reason())),
+    }
+}
+
+async fn check_command(args: CheckArgs) -> ExitCode {
+    let client = match client().await {
+        Ok(client) => client,
+        Err(message) => return fail(message),
+    };
+    let namespace = if args.all_namespaces {
+        None
+    } else {
+        Some(
+            args.namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_string()),
+        )
+    };
+    let rows = match check::check(&client, namespace.as_deref()).await {
+        Ok(rows) => rows,
+        Err(error) => return fail(format!("cannot list Deployments and DatabaseMigrations: {error}")),
+    };
+    match args.output {
+        OutputFormat::Table if rows.is_empty() => println!("no Deployments labelled schemagate.dev/migration"),
+        OutputFormat::Table => print!("{}", check::render_table(&rows)),
+        OutputFormat::Json => {
+            let json: Vec<_> = rows
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "namespace": r.namespace, "deployment": r.deployment, "migration": r.migration,
+                        "required": r.required, "applied": r.applied, "pending": r.pending, "message": r.message,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
+        }
+    }
+    if rows.iter().any(|r| r.pending) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,56 @@
+//! The one state shared by the controllers and the webhook.
+
+use crate::telemetry::Metrics;
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::Store;
+use schemagate_crds::DatabaseMigration;
+use std::sync::Arc;
+
+/// The field manager of every write schemagate makes.
+pub const FIELD_MANAGER: &str = "schemagate";
+
+/// A clock that tests can replace.
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Every DatabaseMigration the operator watches, for gate decisions in the controller
+    /// and the webhook alike.
+    pub migrations: Store<DeserializeGuard<DatabaseMigration>>,
+    pub clock: Clock,
+    /// The operator's own user name, from a SelfSubjectReview at start-up.
+    pub identity: std::sync::OnceLock<String>,
+    /// Per-object backoff of failed reconciles.
+    pub backoff: crate::controller::Backoff,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        migrations: Store<DeserializeGuard<DatabaseMigration>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: "schemagate".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            migrations,
+            clock: Arc::new(Timestamp::now),
+            identity: Default::default(),
+            backoff: Default::default(),
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        (self.clock)()
+    }
+}

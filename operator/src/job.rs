@@ -1,0 +1,278 @@
+//! The migration Job: its deterministic name and its spec, built from the resource alone.
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EnvVar, EnvVarSource, PodSecurityContext, PodSpec, PodTemplateSpec,
+    SeccompProfile, SecretKeySelector, SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use schemagate_crds::{DatabaseMigration, RETRY_ANNOTATION, REVISION_ANNOTATION};
+use std::collections::BTreeMap;
+
+/// Label on every Job and pod schemagate creates, for label-scoped watches.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "schemagate";
+/// Label naming the DatabaseMigration a Job belongs to.
+pub const OWNER_LABEL: &str = "schemagate.dev/owner";
+/// Label identifying the database (a hash of the URL Secret reference), so that only one
+/// migration Job runs at a time against one database.
+pub const DATABASE_LABEL: &str = "schemagate.dev/database";
+/// Annotation on the Job saying what asked for this attempt.
+pub const REQUESTED_BY_ANNOTATION: &str = "schemagate.dev/requested-by";
+/// Default environment variable carrying the database URL.
+pub const DEFAULT_URL_ENV: &str = "DATABASE_URL";
+/// Default deadline of one migration.
+pub const DEFAULT_ACTIVE_DEADLINE_SECONDS: i64 = 600;
+const CONTAINER_NAME: &str = "migrate";
+
+/// FNV-1a: stable across Rust releases and platforms, unlike `DefaultHasher`, so Job names
+/// survive operator upgrades.
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.bytes().chain(std::iter::once(0xff)) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+/// The identity of one attempt: everything that, when changed, calls for a new Job.
+pub fn attempt_key(migration: &DatabaseMigration) -> String {
+    let spec = &migration.spec;
+    let migrator = serde_json::to_string(&spec.migrator).unwrap_or_default();
+    let database = serde_json::to_string(&spec.database).unwrap_or_default();
+    let retry = retry_token(migration).unwrap_or_default();
+    format!(
+        "{:016x}",
+        fnv1a(&[&spec.revision, &migrator, &database, &retry])
+    )
+}
+
+/// The value of the retry annotation, if any.
+pub fn retry_token(migration: &DatabaseMigration) -> Option<String> {
+    migration.annotations().get(RETRY_ANNOTATION).cloned()
+}
+
+/// Deterministic Job name for the current attempt: `<name>-<10 hex>`, at most 63 characters
+/// (Job names become pod labels).
+pub fn job_name(migration: &DatabaseMigration) -> String {
+    let name = migration.name_any();
+    let prefix: String = name.chars().take(52).collect();
+    let prefix = prefix.trim_end_matches('-');
+    format!("{prefix}-{}", &attempt_key(migration)[..10])
+}
+
+/// Label value identifying the database of this migration within its namespace.
+pub fn database_key(migration: &DatabaseMigration) -> String {
+    let secret = &migration.spec.database.url_secret_ref;
+    format!("{:016x}", fnv1a(&[&secret.name, &secret.key]))
+}
+
+/// What asked for the current attempt, for the history: the retry annotation or the spec.
+pub fn requested_by(migration: &DatabaseMigration) -> String {
+    match retry_token(migration) {
+        Some(token) => format!("retry {token}"),
+        None => format!("spec generation {}", migration.metadata.generation.unwrap_or(0)),
+    }
+}
+
+/// The migration Job: one container running the migrator, the database URL only through a
+/// `secretKeyRef`, Pod Security Standard "restricted" unless the resource overrides it.
+pub fn build_job(migration: &DatabaseMigration) -> Job {
+    let spec = &migration.spec;
+    let migrator = &spec.migrator;
+    let url_env = migrator
+        .url_env_name
+        .clone()
+        .unwrap_or_else(|| DEFAULT_URL_ENV.to_string());
+    let mut env = vec![EnvVar {
+        name: url_env.clone(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: spec.database.url_secret_ref.name.clone(),
+                key: spec.database.url_secret_ref.key.clone(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    env.extend(migrator.env.iter().filter(|e| e.name != url_env).cloned());
+
+    let labels = BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        (OWNER_LABEL.to_string(), migration.name_any()),
+        (DATABASE_LABEL.to_string(), database_key(migration)),
+    ]);
+    let annotations = BTreeMap::from([
+        (REVISION_ANNOTATION.to_string(), spec.revision.clone()),
+        (REQUESTED_BY_ANNOTATION.to_string(), requested_by(migration)),
+    ]);
+    let container_security = migrator
+        .security_context
+        .clone()
+        .unwrap_or_else(|| SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_string()]),
+                ..Default::default()
+            }),
+            run_as_non_root: Some(true),
+            seccomp_profile: Some(runtime_default_seccomp()),
+            ..Default::default()
+        });
+    let pod_security = migrator
+        .pod_security_context
+        .clone()
+        .unwrap_or_else(|| PodSecurityContext {
+            run_as_non_root: Some(true),
+            seccomp_profile: Some(runtime_default_seccomp()),
+            ..Default::default()
+        });
+
+    Job {
+        metadata: ObjectMeta {
+            name: Some(job_name(migration)),
+            namespace: migration.namespace(),
+            labels: Some(labels.clone()),
+            annotations: Some(annotations.clone()),
+            owner_references: migration.controller_owner_ref(&()).map(|owner| vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(migrator.backoff_limit.unwrap_or(0)),
+            active_deadline_seconds: Some(
+                migrator
+                    .active_deadline_seconds
+                    .unwrap_or(DEFAULT_ACTIVE_DEADLINE_SECONDS),
+            ),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some(annotations),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".to_string()),
+                    service_account_name: migrator.service_account_name.clone(),
+                    // The migrator talks to the database, not to Kubernetes.
+                    automount_service_account_token: Some(false),
+                    security_context: Some(pod_security),
+                    containers: vec![Container {
+                        name: CONTAINER_NAME.to_string(),
+                        image: Some(migrator.image.clone()),
+                        command: non_empty(&migrator.command),
+                        args: non_empty(&migrator.args),
+                        env: Some(env),
+                        resources: migrator.resources.clone(),
+                        security_context: Some(container_security),
+                        // A failing migrator's last output becomes the termination message.
+                        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn runtime_default_seccomp() -> SeccompProfile {
+    SeccompProfile {
+        type_: "RuntimeDefault".to_string(),
+        ..Default::default()
+    }
+}
+
+fn non_empty(items: &[String]) -> Option<Vec<String>> {
+    (!items.is_empty()).then(|| items.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::migration_from_yaml;
+
+    const MIGRATION: &str = r#"
+apiVersion: schemagate.dev/v1alpha1
+kind: DatabaseMigration
+metadata: { name: app-db, namespace: prod, uid: 1b4e28ba-2fa1-11d2-883f-0016d3cca427, generation: 3 }
+spec:
+  database:
+    engine: postgres
+    urlSecretRef: { name: app-db-url, key: url }
+    tracking: { tool: alembic }
+  migrator:
+    image: registry.example/app:4515ca8
+    command: [alembic, upgrade, head]
+    env: [{ name: DATABASE_URL, value: "postgres://nobody:leak@example/x" }, { name: LOG, value: debug }]
+  revision: "0002"
+"#;
+
+    #[test]
+    fn job_name_is_deterministic_and_changes_with_revision_and_retry() {
+        let migration = migration_from_yaml(MIGRATION);
+        assert_eq!(job_name(&migration), job_name(&migration.clone()));
+        assert!(job_name(&migration).starts_with("app-db-"));
+        assert_eq!(job_name(&migration).len(), "app-db-".len() + 10);
+
+        let mut other_revision = migration.clone();
+        other_revision.spec.revision = "0003".into();
+        assert_ne!(job_name(&migration), job_name(&other_revision));
+
+        let mut retried = migration.clone();
+        retried
+            .annotations_mut()
+            .insert(RETRY_ANNOTATION.into(), "1".into());
+        assert_ne!(job_name(&migration), job_name(&retried));
+    }
+
+    #[test]
+    fn long_names_stay_within_a_label_value() {
+        let mut migration = migration_from_yaml(MIGRATION);
+        migration.metadata.name = Some("a".repeat(253));
+        assert!(job_name(&migration).len() <= 63);
+    }
+
+    #[test]
+    fn url_only_from_secret_and_restricted_by_default() {
+        let job = build_job(&migration_from_yaml(MIGRATION));
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        let container = &pod.containers[0];
+        let env = container.env.as_ref().unwrap();
+        let url: Vec<_> = env.iter().filter(|e| e.name == "DATABASE_URL").collect();
+        assert_eq!(url.len(), 1, "a literal DATABASE_URL must not override the Secret");
+        assert!(url[0].value.is_none());
+        let secret = url[0].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!((secret.name.as_str(), secret.key.as_str()), ("app-db-url", "url"));
+        assert!(env.iter().any(|e| e.name == "LOG"));
+
+        let security = container.security_context.as_ref().unwrap();
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert_eq!(
+            security.capabilities.as_ref().unwrap().drop,
+            Some(vec!["ALL".to_string()])
+        );
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(
+            container.termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
+    }
+
+    #[test]
+    fn owned_by_the_migration() {
+        let job = build_job(&migration_from_yaml(MIGRATION));
+        let owners = job.metadata.owner_references.unwrap();
+        assert_eq!(owners[0].kind, "DatabaseMigration");
+        assert_eq!(owners[0].controller, Some(true));
+        assert_eq!(job.spec.unwrap().backoff_limit, Some(0));
+    }
+}

@@ -1,0 +1,230 @@
+//! Reads the world for one DatabaseMigration: its Job, the database's applied revisions
+//! (through the URL in its Secret), and which of its Deployments are held.
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::job;
+use crate::plan::{JobState, Observed, ObservedJob};
+use crate::probe::{self, AppliedRevisions};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, ListParams};
+use kube::{Resource, ResourceExt};
+use schemagate_crds::{DatabaseMigration, HELD_FOR_ANNOTATION, MIGRATION_LABEL};
+use std::time::Duration;
+
+/// Longest a probe may take before it counts as unreachable.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How much of a migrator's termination message is kept.
+const MESSAGE_TAIL: usize = 800;
+
+pub async fn observe(ctx: &Context, migration: &DatabaseMigration) -> Result<Observed> {
+    let namespace = migration.namespace().unwrap_or_default();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+    let job_name = job::job_name(migration);
+
+    let url = read_database_url_with(&ctx.client, &namespace, migration).await;
+    let job = match jobs.get_opt(&job_name).await.map_err(Error::kube(format!("get Job {job_name}")))? {
+        Some(found) => Some(observe_job(ctx, &namespace, &found, url.as_deref().ok()).await?),
+        None => None,
+    };
+    let other_active_job = if job.is_none() {
+        other_active_job(&jobs, migration, &job_name).await?
+    } else {
+        None
+    };
+    let database = match url {
+        Ok(url) => probe_with_timeout(migration, &url).await,
+        Err(error) => Err(error),
+    };
+    let held_deployments = held_deployments(ctx, &namespace, &migration.name_any()).await?;
+    Ok(Observed {
+        job,
+        other_active_job,
+        database,
+        held_deployments,
+    })
+}
+
+/// The database URL from the referenced Secret, read by name and never cached.
+pub async fn read_database_url_with(
+    client: &kube::Client,
+    namespace: &str,
+    migration: &DatabaseMigration,
+) -> Result<String> {
+    let reference = &migration.spec.database.url_secret_ref;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = secrets
+        .get_opt(&reference.name)
+        .await
+        .map_err(Error::kube(format!("get Secret {}", reference.name)))?
+        .ok_or_else(|| Error::SecretNotFound {
+            namespace: namespace.to_string(),
+            name: reference.name.clone(),
+            key: reference.key.clone(),
+        })?;
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(&reference.key))
+        .map(|bytes| bytes.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|data| data.get(&reference.key))
+                .map(|text| text.clone().into_bytes())
+        })
+        .ok_or_else(|| Error::SecretKeyMissing {
+            name: reference.name.clone(),
+            key: reference.key.clone(),
+        })?;
+    String::from_utf8(value)
+        .map(|url| url.trim().to_string())
+        .map_err(|_| Error::SecretNotText {
+            name: reference.name.clone(),
+            key: reference.key.clone(),
+        })
+}
+
+async fn probe_with_timeout(migration: &DatabaseMigration, url: &str) -> Result<AppliedRevisions> {
+    let database = &migration.spec.database;
+    match tokio::time::timeout(
+        PROBE_TIMEOUT,
+        probe::probe_revisions(database.engine, url, &database.tracking),
+    )
+    .await
+    {
+        Ok(result) => result.map_err(Error::from),
+        Err(_) => Err(Error::ProbeTimeout {
+            seconds: PROBE_TIMEOUT.as_secs(),
+        }),
+    }
+}
+
+async fn observe_job(
+    ctx: &Context,
+    namespace: &str,
+    found: &Job,
+    url: Option<&str>,
+) -> Result<ObservedJob> {
+    let name = found.name_any();
+    let status = found.status.clone().unwrap_or_default();
+    let condition = |type_: &str| {
+        status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == type_ && c.status == "True")
+    };
+    let state = if condition("Complete").is_some() {
+        JobState::Succeeded
+    } else if let Some(failed) = condition("Failed") {
+        JobState::Failed {
+            reason: failed.reason.clone().unwrap_or_else(|| "Failed".to_string()),
+        }
+    } else {
+        JobState::Active
+    };
+    let message = if matches!(state, JobState::Failed { .. }) {
+        termination_message(ctx, namespace, &name)
+            .await?
+            .map(|text| scrub(&text, url))
+    } else {
+        None
+    };
+    Ok(ObservedJob {
+        name,
+        state,
+        start_time: status.start_time,
+        completion_time: status.completion_time,
+        message,
+    })
+}
+
+/// Removes the URL and its password, then keeps the tail: the end of a log says what failed.
+pub fn scrub(text: &str, url: Option<&str>) -> String {
+    let scrubbed = match url {
+        Some(url) => probe::scrub_secret(text, url),
+        None => text.to_string(),
+    };
+    crate::conditions::truncate_start(scrubbed.trim(), MESSAGE_TAIL)
+}
+
+/// The newest pod's termination message of a Job.
+async fn termination_message(ctx: &Context, namespace: &str, job_name: &str) -> Result<Option<String>> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut list = pods
+        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")))
+        .await
+        .map_err(Error::kube(format!("list pods of Job {job_name}")))?
+        .items;
+    list.sort_by_key(|pod| pod.creation_timestamp());
+    Ok(list.iter().rev().find_map(|pod| {
+        pod.status
+            .as_ref()?
+            .container_statuses
+            .as_ref()?
+            .iter()
+            .find_map(|status| {
+                let terminated = status.state.as_ref()?.terminated.as_ref()?;
+                let message = terminated.message.clone().filter(|m| !m.trim().is_empty());
+                Some(match message {
+                    Some(message) => format!("exit code {}: {message}", terminated.exit_code),
+                    None => format!("exit code {}", terminated.exit_code),
+                })
+            })
+    }))
+}
+
+/// Another migration Job of this namespace still running against the same database.
+async fn other_active_job(
+    jobs: &Api<Job>,
+    migration: &DatabaseMigration,
+    job_name: &str,
+) -> Result<Option<String>> {
+    let selector = format!(
+        "{}={},{}={}",
+        job::MANAGED_BY_LABEL,
+        job::MANAGED_BY,
+        job::DATABASE_LABEL,
+        job::database_key(migration)
+    );
+    let list = jobs
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(Error::kube("list migration Jobs"))?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|other| other.name_any() != job_name && other.meta().deletion_timestamp.is_none())
+        .find(|other| {
+            let finished = other
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|conditions| {
+                    conditions.iter().any(|c| {
+                        (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True"
+                    })
+                });
+            !finished
+        })
+        .map(|other| other.name_any()))
+}
+
+/// Names of this migration's Deployments that schemagate holds.
+async fn held_deployments(ctx: &Context, namespace: &str, migration_name: &str) -> Result<Vec<String>> {
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    let list = deployments
+        .list(&ListParams::default().labels(&format!("{MIGRATION_LABEL}={migration_name}")))
+        .await
+        .map_err(Error::kube("list Deployments"))?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|d| d.annotations().contains_key(HELD_FOR_ANNOTATION))
+        .map(|d| d.name_any())
+        .collect())
+}

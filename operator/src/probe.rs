@@ -1,0 +1,380 @@
+//! The revision probe: reads which migrations a database has applied from the migration
+//! tool's own version table (never trusting a migrator's exit code alone), and decides
+//! whether the revision a Deployment needs is satisfied.
+//!
+//! - [`probe_revisions`] connects once (no pool is kept), in a read-only transaction with
+//!   a statement timeout, and returns [`AppliedRevisions`]. A missing version table means
+//!   nothing is applied yet, not an error.
+//! - [`is_satisfied`] is DESIGN.md's rule; [`current_revision`] is what
+//!   `status.appliedRevision` shows.
+//! - [`scrub_secret`] removes a database URL and its password from any text, for messages
+//!   that leave the operator (Job messages, events, logs). No [`ProbeError`] message ever
+//!   contains the URL or its password.
+//!
+//! Table layouts per tool, and what counts as applied or failed: `docs/probe.md`.
+
+mod mysql;
+mod postgres;
+mod tools;
+mod url;
+
+use std::cmp::Ordering;
+use std::time::Duration;
+
+use schemagate_crds::{Engine, Tracking, TrackingTool};
+
+pub use url::{DatabaseUrl, scrub_secret};
+
+/// How long connecting (TCP, TLS, authentication) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long each statement of a probe may run, and wait for locks, on the server.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a whole probe may take, whatever the server does.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The revisions a database reports as applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppliedRevisions {
+    /// For history tools, every applied revision, oldest first. For head-only tools
+    /// (`head_only`), the current head(s): Alembic can have several, one per branch.
+    pub revisions: Vec<String>,
+    /// Whether the tool records only the current head(s) (Alembic, golang-migrate), so a
+    /// revision missing from `revisions` may still be applied below the head.
+    pub head_only: bool,
+}
+
+/// Why the applied revisions could not be read. Messages name what is wrong and what to
+/// do, and never contain the database URL or its password.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The URL in the Secret is malformed, of an unknown scheme, or for the other engine.
+    #[error("the database URL is invalid: {problem}")]
+    InvalidUrl {
+        /// Which part is wrong; never the URL itself.
+        problem: String,
+    },
+    /// `spec.database.tracking` cannot be used as given.
+    #[error("spec.database.tracking is invalid: {problem}")]
+    InvalidTracking {
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The server could not be reached, refused, timed out or dropped the connection.
+    #[error(
+        "cannot reach the database at {endpoint}: {detail}; check the host and port in the \
+         URL, that the database is running, and that network policies let the operator reach it"
+    )]
+    Connect {
+        /// `host:port`, or the socket path.
+        endpoint: String,
+        /// What the connection attempt reported, secrets removed.
+        detail: String,
+    },
+    /// The server refused the credentials (or the user's access to the database).
+    #[error(
+        "the database at {endpoint} refused user {user}: {detail}; check the user name and \
+         password in the Secret and the user's access to the database"
+    )]
+    Authentication {
+        /// The user name from the URL.
+        user: String,
+        /// `host:port`, or the socket path.
+        endpoint: String,
+        /// The server's message, secrets removed.
+        detail: String,
+    },
+    /// The database named in the URL does not exist on the server.
+    #[error(
+        "database {database} does not exist on {endpoint}; create it, or fix the database \
+         name in the URL"
+    )]
+    DatabaseNotFound {
+        /// The database name from the URL.
+        database: String,
+        /// `host:port`, or the socket path.
+        endpoint: String,
+    },
+    /// Reading the version table or running the custom query failed.
+    #[error("reading applied revisions from {source_name} failed: {detail}")]
+    Query {
+        /// The table read (`tool table schema.name`) or `tracking.query`.
+        source_name: String,
+        /// The database's message and a hint, secrets removed.
+        detail: String,
+    },
+    /// The tool recorded a failed or half-applied migration: the schema is in an unknown
+    /// state until a person repairs it.
+    #[error(
+        "{tool} recorded revision {revision} as failed or partly applied; the schema needs a \
+         person: {remedy}"
+    )]
+    Dirty {
+        /// The tool, as in `tracking.tool`.
+        tool: &'static str,
+        /// The failed revision (for a Flyway repeatable migration, its description).
+        revision: String,
+        /// What to do, in the tool's terms.
+        remedy: &'static str,
+    },
+}
+
+impl ProbeError {
+    /// A bounded PascalCase reason, for Event and condition reasons and metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidUrl { .. } => "DatabaseUrlInvalid",
+            Self::InvalidTracking { .. } => "TrackingInvalid",
+            Self::Connect { .. } => "DatabaseUnreachable",
+            Self::Authentication { .. } => "DatabaseAuthenticationFailed",
+            Self::DatabaseNotFound { .. } => "DatabaseNotFound",
+            Self::Query { .. } => "RevisionQueryFailed",
+            Self::Dirty { .. } => "MigrationDirty",
+        }
+    }
+
+    /// Whether trying again later may succeed without anyone changing anything
+    /// (the database is down or slow), as opposed to a configuration or schema problem.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Connect { .. } | Self::Query { .. })
+    }
+}
+
+/// Where the revisions are read from: a known tool's table or a custom query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum RevisionSource {
+    Tool {
+        tool: TrackingTool,
+        /// `tracking.table`, when it overrides the tool's default.
+        table: Option<tools::TableName>,
+    },
+    Query(String),
+}
+
+impl RevisionSource {
+    fn from_tracking(tracking: &Tracking) -> Result<Self, ProbeError> {
+        let invalid = |problem: &str| ProbeError::InvalidTracking {
+            problem: problem.to_string(),
+        };
+        match (&tracking.tool, &tracking.query) {
+            (Some(_), Some(_)) => Err(invalid("set either tool or query, not both")),
+            (None, None) => Err(invalid(
+                "set tool (alembic, flyway, golang-migrate, sqlx, rails, django, liquibase, \
+                 prisma, atlas, schemagate) or a query",
+            )),
+            (None, Some(_)) if tracking.table.is_some() => Err(invalid(
+                "table applies to tool only; name the table in the query instead",
+            )),
+            (None, Some(query)) => Ok(Self::Query(checked_query(query)?)),
+            (Some(tool), None) => {
+                let table = match tracking.table.as_deref() {
+                    None => None,
+                    Some(text) => Some(tools::TableName::parse(text).ok_or_else(|| {
+                        invalid(
+                            "table must be TABLE or SCHEMA.TABLE, each starting with a letter \
+                             or _ and made of letters, digits, _ and $ (at most 63 characters)",
+                        )
+                    })?),
+                };
+                Ok(Self::Tool { tool: *tool, table })
+            }
+        }
+    }
+}
+
+/// Accepts a single read query: it must start with SELECT or WITH. The read-only
+/// transaction and the server's one-statement rule for prepared statements do the rest.
+fn checked_query(query: &str) -> Result<String, ProbeError> {
+    let query = query.trim().trim_end_matches(';').trim_end();
+    let first_word: String = query
+        .trim_start_matches('(')
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    if first_word != "SELECT" && first_word != "WITH" {
+        return Err(ProbeError::InvalidTracking {
+            problem: "query must be a single SELECT (or WITH ... SELECT) statement".to_string(),
+        });
+    }
+    // Read-only transactions do not stop MySQL writing files.
+    let upper = query.to_ascii_uppercase();
+    if upper.contains("OUTFILE") || upper.contains("DUMPFILE") {
+        return Err(ProbeError::InvalidTracking {
+            problem: "query must not write files (INTO OUTFILE / DUMPFILE)".to_string(),
+        });
+    }
+    Ok(query.to_string())
+}
+
+/// Reads the revisions `tracking` describes from the database at `url`.
+///
+/// One connection, opened within [`CONNECT_TIMEOUT`] and closed before returning; every
+/// statement runs in a read-only transaction under [`STATEMENT_TIMEOUT`]; the whole probe
+/// is bounded by [`PROBE_TIMEOUT`]. The version table is found through the catalog
+/// (PostgreSQL: along the search path; MySQL: in the URL's database), matching the name
+/// exactly or else ignoring case; when it does not exist, nothing is applied yet.
+pub async fn probe_revisions(
+    engine: Engine,
+    url: &str,
+    tracking: &Tracking,
+) -> Result<AppliedRevisions, ProbeError> {
+    let target = DatabaseUrl::parse(url)?;
+    if target.engine() != engine {
+        return Err(ProbeError::InvalidUrl {
+            problem: format!(
+                "its scheme is for {} but spec.database.engine is {}; make them agree",
+                engine_name(target.engine()),
+                engine_name(engine)
+            ),
+        });
+    }
+    let source = RevisionSource::from_tracking(tracking)?;
+    let probe = async {
+        match engine {
+            Engine::Postgres => postgres::probe(&target, &source).await,
+            Engine::Mysql => mysql::probe(&target, &source).await,
+        }
+    };
+    let result = match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+        Ok(result) => result,
+        Err(_) => Err(ProbeError::Query {
+            source_name: describe_source(&source),
+            detail: format!(
+                "the database did not answer within {}s",
+                PROBE_TIMEOUT.as_secs()
+            ),
+        }),
+    };
+    // Messages are built without the URL; this is the belt to those braces.
+    result.map_err(|error| scrub_error(error, url))
+}
+
+fn engine_name(engine: Engine) -> &'static str {
+    match engine {
+        Engine::Postgres => "postgres",
+        Engine::Mysql => "mysql",
+    }
+}
+
+fn describe_source(source: &RevisionSource) -> String {
+    match source {
+        RevisionSource::Tool { tool, table } => {
+            let table = match table {
+                Some(tools::TableName {
+                    schema: Some(schema),
+                    name,
+                }) => format!("{schema}.{name}"),
+                Some(tools::TableName { schema: None, name }) => name.clone(),
+                None => "table".to_string(),
+            };
+            format!("the {} {table}", tools::tool_name(*tool))
+        }
+        RevisionSource::Query(_) => "tracking.query".to_string(),
+    }
+}
+
+fn scrub_error(error: ProbeError, url: &str) -> ProbeError {
+    let scrub = |text: String| scrub_secret(&text, url);
+    match error {
+        ProbeError::InvalidUrl { problem } => ProbeError::InvalidUrl {
+            problem: scrub(problem),
+        },
+        ProbeError::InvalidTracking { problem } => ProbeError::InvalidTracking {
+            problem: scrub(problem),
+        },
+        ProbeError::Connect { endpoint, detail } => ProbeError::Connect {
+            endpoint: scrub(endpoint),
+            detail: scrub(detail),
+        },
+        ProbeError::Authentication {
+            user,
+            endpoint,
+            detail,
+        } => ProbeError::Authentication {
+            user: scrub(user),
+            endpoint: scrub(endpoint),
+            detail: scrub(detail),
+        },
+        ProbeError::DatabaseNotFound { database, endpoint } => ProbeError::DatabaseNotFound {
+            database: scrub(database),
+            endpoint: scrub(endpoint),
+        },
+        ProbeError::Query {
+            source_name,
+            detail,
+        } => ProbeError::Query {
+            source_name: scrub(source_name),
+            detail: scrub(detail),
+        },
+        ProbeError::Dirty {
+            tool,
+            revision,
+            remedy,
+        } => ProbeError::Dirty {
+            tool,
+            revision: scrub(revision),
+            remedy,
+        },
+    }
+}
+
+/// Whether the database satisfies a Deployment that needs `required` (DESIGN.md):
+///
+/// - any tool: `required` is among the applied revisions (for head-only tools, a head);
+/// - head-only tools (Alembic, golang-migrate) also, for any head:
+///   - the head was first seen applied after `required` in `seen_order` — the revisions
+///     this DatabaseMigration saw applied, oldest first — so old code rolled back onto a
+///     newer schema is released even with Alembic's unordered hex ids. First sightings
+///     count, so a later downgrade back to an old head does not pass for newer;
+///   - or head and `required` are both ordered versions (all digits: integers, or
+///     timestamps such as `20251228120000`) and the head is not older.
+///
+/// History tools count membership only: their table lists every applied revision, and
+/// a missing one (a skipped out-of-order migration) is really missing.
+pub fn is_satisfied(applied: &AppliedRevisions, required: &str, seen_order: &[String]) -> bool {
+    if applied.revisions.iter().any(|r| r == required) {
+        return true;
+    }
+    if !applied.head_only {
+        return false;
+    }
+    let first_seen = |revision: &str| seen_order.iter().position(|r| r == revision);
+    applied.revisions.iter().any(|head| {
+        let seen_after = matches!(
+            (first_seen(head), first_seen(required)),
+            (Some(head_at), Some(required_at)) if head_at > required_at
+        );
+        seen_after
+            || matches!(
+                compare_ordered_versions(head, required),
+                Some(Ordering::Greater | Ordering::Equal)
+            )
+    })
+}
+
+/// Compares two all-digit versions by numeric value, of any length (timestamps overflow
+/// nothing); `None` when either is not all digits.
+fn compare_ordered_versions(a: &str, b: &str) -> Option<Ordering> {
+    let digits = |v: &str| !v.is_empty() && v.bytes().all(|c| c.is_ascii_digit());
+    if !digits(a) || !digits(b) {
+        return None;
+    }
+    let (a, b) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
+    Some(a.len().cmp(&b.len()).then_with(|| a.cmp(b)))
+}
+
+/// What `status.appliedRevision` shows: `required` when it is among the applied
+/// revisions, else the head (several Alembic heads joined by `,`) or the newest applied
+/// revision; `None` when nothing is applied.
+pub fn current_revision(applied: &AppliedRevisions, required: &str) -> Option<String> {
+    if applied.revisions.iter().any(|r| r == required) {
+        return Some(required.to_string());
+    }
+    if applied.head_only {
+        return (!applied.revisions.is_empty()).then(|| applied.revisions.join(","));
+    }
+    applied.revisions.last().cloned()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,468 @@
+use schemagate_crds::{Engine, Tracking, TrackingTool};
+
+use super::tools::{self, STATE_APPLIED, STATE_FAILED, STATE_IGNORED, STATE_REMOVED, TableName};
+use super::*;
+
+/// Raw (percent-encoded) and decoded forms of a password no message may contain.
+const PASSWORD_RAW: &str = "Zq81-s3cr%40t";
+const PASSWORD: &str = "Zq81-s3cr@t";
+
+fn url_with_password(scheme: &str, host_port: &str) -> String {
+    format!("{scheme}://app:{PASSWORD_RAW}@{host_port}/appdb")
+}
+
+fn tool(tool: TrackingTool) -> Tracking {
+    Tracking {
+        tool: Some(tool),
+        query: None,
+        table: None,
+    }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+fn heads(revisions: &[&str]) -> AppliedRevisions {
+    AppliedRevisions {
+        revisions: strings(revisions),
+        head_only: true,
+    }
+}
+
+fn history(revisions: &[&str]) -> AppliedRevisions {
+    AppliedRevisions {
+        revisions: strings(revisions),
+        head_only: false,
+    }
+}
+
+fn assert_no_secret(text: &str) {
+    assert!(!text.contains(PASSWORD), "password in: {text}");
+    assert!(!text.contains(PASSWORD_RAW), "encoded password in: {text}");
+    assert!(!text.contains("app:"), "userinfo in: {text}");
+}
+
+#[test]
+fn schemes_map_to_sqlx_schemes_and_engines() {
+    let cases = [
+        ("postgres://u:p@h:5432/db", Engine::Postgres, "postgres://u:p@h:5432/db"),
+        ("postgresql://u:p@h/db", Engine::Postgres, "postgres://u:p@h/db"),
+        ("postgresql+psycopg2://u:p@h/db", Engine::Postgres, "postgres://u:p@h/db"),
+        ("POSTGRESQL+PSYCOPG://u:p@h/db", Engine::Postgres, "postgres://u:p@h/db"),
+        ("mysql://u:p@h:3306/db", Engine::Mysql, "mysql://u:p@h:3306/db"),
+        ("mariadb://u:p@h/db", Engine::Mysql, "mysql://u:p@h/db"),
+        ("mysql+pymysql://u:p@h/db?charset=utf8mb4", Engine::Mysql, "mysql://u:p@h/db?charset=utf8mb4"),
+        ("mariadb+mariadbconnector://u:p@h/db", Engine::Mysql, "mysql://u:p@h/db"),
+    ];
+    for (url, engine, sqlx_url) in cases {
+        let parsed = DatabaseUrl::parse(url).unwrap();
+        assert_eq!(parsed.engine(), engine, "{url}");
+        assert_eq!(parsed.sqlx_url(), sqlx_url, "{url}");
+        assert_eq!(parsed.database(), Some("db"), "{url}");
+    }
+}
+
+#[test]
+fn url_parts_are_checked_and_decoded() {
+    let parsed = DatabaseUrl::parse("  postgres://u:p%2Fq@[::1]:5432/my%20db?sslmode=disable\n");
+    let parsed = parsed.unwrap();
+    assert_eq!(parsed.database(), Some("my db"));
+    assert_eq!(parsed.sqlx_url(), "postgres://u:p%2Fq@[::1]:5432/my%20db?sslmode=disable");
+    assert_eq!(DatabaseUrl::parse("mysql://u@h").unwrap().database(), None);
+    assert_eq!(DatabaseUrl::parse("postgres://h/").unwrap().database(), None);
+}
+
+#[test]
+fn invalid_urls_say_which_part_is_wrong_without_the_url() {
+    let cases = [
+        (format!("app:{PASSWORD_RAW}@host/db"), "no scheme"),
+        (format!("sqlite://app:{PASSWORD_RAW}@host/db"), "scheme `sqlite`"),
+        (format!("po stgres://app:{PASSWORD_RAW}@host/db"), "scheme is not a word"),
+        (format!("postgres://app:{PASSWORD_RAW}@host:54x2/db"), "port"),
+        (format!("postgres://app:{PASSWORD_RAW}@host:70000/db"), "port"),
+        // An unencoded `/` in the password cuts the host part short.
+        (format!("postgres://app:ab/{PASSWORD_RAW}@host/db"), "percent-encode"),
+        (format!("postgres://app:{PASSWORD_RAW}%zz@host/db"), "password is not valid"),
+        (format!("postgres://app:{PASSWORD_RAW}@[::1/db"), "IPv6"),
+        (format!("postgres://app:{PASSWORD_RAW}@host/db/extra"), "only the database name"),
+    ];
+    for (url, expected) in cases {
+        let error = DatabaseUrl::parse(&url).unwrap_err();
+        let message = error.to_string();
+        assert!(matches!(error, ProbeError::InvalidUrl { .. }), "{url}");
+        assert_eq!(error.reason(), "DatabaseUrlInvalid");
+        assert!(message.contains(expected), "{url}: {message}");
+        assert!(!message.contains(&url), "{message}");
+        assert!(!message.contains("@host"), "{message}");
+        assert_no_secret(&message);
+    }
+}
+
+#[test]
+fn debug_of_a_url_shows_no_secret() {
+    let parsed = DatabaseUrl::parse(&url_with_password("postgres", "db.internal:5432")).unwrap();
+    assert_no_secret(&format!("{parsed:?}"));
+}
+
+#[tokio::test]
+async fn engine_and_scheme_must_agree() {
+    let url = url_with_password("mysql", "127.0.0.1:1");
+    let error = probe_revisions(Engine::Postgres, &url, &tool(TrackingTool::Flyway))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ProbeError::InvalidUrl { .. }));
+    let message = error.to_string();
+    assert!(message.contains("scheme is for mysql but spec.database.engine is postgres"));
+    assert_no_secret(&message);
+}
+
+#[tokio::test]
+async fn refused_connection_names_host_and_port_only() {
+    // Port 1 on loopback: nothing listens, the kernel refuses at once.
+    for (engine, scheme) in [(Engine::Postgres, "postgres"), (Engine::Mysql, "mysql")] {
+        let url = url_with_password(scheme, "127.0.0.1:1");
+        let error = probe_revisions(engine, &url, &tool(TrackingTool::Alembic))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ProbeError::Connect { .. }), "{error:?}");
+        assert_eq!(error.reason(), "DatabaseUnreachable");
+        assert!(error.is_transient());
+        let message = error.to_string();
+        assert!(message.contains("127.0.0.1:1"), "{message}");
+        assert_no_secret(&message);
+        assert_no_secret(&format!("{error:?}"));
+    }
+}
+
+#[tokio::test]
+async fn mysql_tool_probe_needs_a_database_in_the_url() {
+    let url = format!("mysql://app:{PASSWORD_RAW}@127.0.0.1:1");
+    let error = probe_revisions(Engine::Mysql, &url, &tool(TrackingTool::Flyway))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("names no database"), "{error}");
+    assert_no_secret(&error.to_string());
+}
+
+#[test]
+fn every_error_message_is_scrubbed_of_the_password() {
+    let url = url_with_password("postgres", "db:5432");
+    let leaky = format!("oops {url} and {PASSWORD} and {PASSWORD_RAW} and app:{PASSWORD_RAW}");
+    let errors = [
+        ProbeError::InvalidUrl {
+            problem: leaky.clone(),
+        },
+        ProbeError::InvalidTracking {
+            problem: leaky.clone(),
+        },
+        ProbeError::Connect {
+            endpoint: leaky.clone(),
+            detail: leaky.clone(),
+        },
+        ProbeError::Authentication {
+            user: leaky.clone(),
+            endpoint: leaky.clone(),
+            detail: leaky.clone(),
+        },
+        ProbeError::DatabaseNotFound {
+            database: leaky.clone(),
+            endpoint: leaky.clone(),
+        },
+        ProbeError::Query {
+            source_name: leaky.clone(),
+            detail: leaky.clone(),
+        },
+        ProbeError::Dirty {
+            tool: "flyway",
+            revision: leaky.clone(),
+            remedy: "x",
+        },
+    ];
+    let mut reasons = std::collections::HashSet::new();
+    for error in errors {
+        let reason = error.reason();
+        assert!(reason.chars().next().is_some_and(|c| c.is_ascii_uppercase()));
+        assert!(reason.chars().all(|c| c.is_ascii_alphanumeric()), "{reason}");
+        reasons.insert(reason);
+        let scrubbed = scrub_error(error, &url);
+        assert_no_secret(&scrubbed.to_string());
+        assert_no_secret(&format!("{scrubbed:?}"));
+    }
+    assert_eq!(reasons.len(), 7, "reasons are distinct");
+}
+
+#[test]
+fn scrub_secret_removes_url_userinfo_and_password_in_every_form() {
+    let url = url_with_password("postgresql+psycopg2", "db.internal:5432");
+    let text = format!(
+        "connecting to {url}\nas app:{PASSWORD_RAW} with {PASSWORD} (raw {PASSWORD_RAW}); \
+         user app on db.internal"
+    );
+    let scrubbed = scrub_secret(&text, &url);
+    assert_no_secret(&scrubbed);
+    assert!(scrubbed.contains("connecting to [database URL]"), "{scrubbed}");
+    // The user name alone and the host are not secret and stay readable.
+    assert!(scrubbed.contains("user app on db.internal"), "{scrubbed}");
+
+    // A URL whose unencoded `/` broke its structure still has its password removed.
+    let broken = "postgres://app:pa/ss@db/x";
+    assert_eq!(scrub_secret("pw pa/ss", broken), "pw [redacted]");
+    // A password given as a query parameter.
+    let query = "postgres://db/x?user=app&password=hunter22";
+    assert_eq!(scrub_secret("got hunter22", query), "got [redacted]");
+    // A trailing newline in the Secret does not defeat URL removal.
+    let with_newline = format!("{url}\n");
+    assert_no_secret(&scrub_secret(&format!("at {url}"), &with_newline));
+    // No URL userinfo: nothing but the URL itself is removed.
+    assert_eq!(scrub_secret("a b", "postgres://db/x"), "a b");
+}
+
+#[test]
+fn table_names_are_identifiers_or_schema_qualified_identifiers() {
+    let ok = ["flyway_schema_history", "app.history", "_t$1", "A.B", &"t".repeat(63)];
+    for name in ok {
+        assert!(TableName::parse(name).is_some(), "{name}");
+    }
+    let qualified = TableName::parse("app.history").unwrap();
+    assert_eq!(qualified.schema.as_deref(), Some("app"));
+    assert_eq!(qualified.name, "history");
+    let bad = [
+        "",
+        "1table",
+        "a.b.c",
+        "a.",
+        ".b",
+        "t; DROP TABLE x",
+        "t\"x",
+        "t`x",
+        "tä",
+        "t-x",
+        "a b",
+        &"t".repeat(64),
+    ];
+    for name in bad {
+        assert!(TableName::parse(name).is_none(), "{name:?}");
+    }
+}
+
+#[test]
+fn tracking_is_validated() {
+    let error = |tracking: Tracking| RevisionSource::from_tracking(&tracking).unwrap_err();
+    let both = Tracking {
+        tool: Some(TrackingTool::Flyway),
+        query: Some("SELECT 1".into()),
+        table: None,
+    };
+    assert!(error(both).to_string().contains("not both"));
+    let neither = Tracking {
+        tool: None,
+        query: None,
+        table: None,
+    };
+    assert!(error(neither).to_string().contains("set tool"));
+    let table_with_query = Tracking {
+        tool: None,
+        query: Some("SELECT 1".into()),
+        table: Some("t".into()),
+    };
+    assert!(error(table_with_query).to_string().contains("tool only"));
+    let bad_table = Tracking {
+        tool: Some(TrackingTool::Flyway),
+        query: None,
+        table: Some("x; DROP TABLE y".into()),
+    };
+    let bad_table = error(bad_table);
+    assert_eq!(bad_table.reason(), "TrackingInvalid");
+    assert!(bad_table.to_string().contains("SCHEMA.TABLE"));
+
+    let custom = Tracking {
+        tool: Some(TrackingTool::Flyway),
+        query: None,
+        table: Some("app.history".into()),
+    };
+    assert_eq!(
+        RevisionSource::from_tracking(&custom).unwrap(),
+        RevisionSource::Tool {
+            tool: TrackingTool::Flyway,
+            table: Some(TableName {
+                schema: Some("app".into()),
+                name: "history".into()
+            })
+        }
+    );
+}
+
+#[test]
+fn custom_queries_must_be_a_single_read() {
+    let accepted = [
+        ("SELECT version FROM t", "SELECT version FROM t"),
+        ("  select v from t ;\n", "select v from t"),
+        ("WITH x AS (SELECT 1) SELECT * FROM x", "WITH x AS (SELECT 1) SELECT * FROM x"),
+        ("(SELECT 1)", "(SELECT 1)"),
+    ];
+    for (query, expected) in accepted {
+        assert_eq!(checked_query(query).unwrap(), expected);
+    }
+    let rejected = [
+        "DELETE FROM t",
+        "UPDATE t SET v = 1",
+        "",
+        "SELECTED",
+        "-- comment\nSELECT 1",
+        "SELECT v FROM t INTO OUTFILE '/tmp/x'",
+        "SELECT v INTO DUMPFILE '/tmp/x' FROM t",
+    ];
+    for query in rejected {
+        assert!(checked_query(query).is_err(), "{query:?}");
+    }
+}
+
+#[test]
+fn quoting_doubles_quote_characters() {
+    assert_eq!(tools::Dialect::Postgres.quote("a\"b"), "\"a\"\"b\"");
+    assert_eq!(tools::Dialect::Mysql.quote("a`b"), "`a``b`");
+}
+
+fn rows(items: &[(Option<&str>, &str)]) -> Vec<(Option<String>, String)> {
+    items
+        .iter()
+        .map(|(revision, state)| (revision.map(str::to_string), state.to_string()))
+        .collect()
+}
+
+#[test]
+fn rows_fold_into_applied_revisions() {
+    // Flyway: baseline, a repeatable (no version), an undo, and a re-apply.
+    let flyway = rows(&[
+        (Some("1"), STATE_APPLIED),
+        (Some("1.1"), STATE_APPLIED),
+        (None, STATE_IGNORED),
+        (Some("2"), STATE_APPLIED),
+        (Some("2"), STATE_REMOVED),
+        (Some("3"), STATE_APPLIED),
+        (Some("2"), STATE_APPLIED),
+    ]);
+    let applied = tools::collect_revisions(TrackingTool::Flyway, flyway).unwrap();
+    assert_eq!(applied, history(&["1", "1.1", "3", "2"]));
+
+    let alembic = rows(&[(Some("ae1027a6acf"), STATE_APPLIED), (Some("b2"), STATE_APPLIED)]);
+    let applied = tools::collect_revisions(TrackingTool::Alembic, alembic).unwrap();
+    assert_eq!(applied, heads(&["ae1027a6acf", "b2"]));
+
+    let dirty = rows(&[(Some("20251228120000"), STATE_FAILED)]);
+    let error = tools::collect_revisions(TrackingTool::GolangMigrate, dirty).unwrap_err();
+    assert_eq!(error.reason(), "MigrationDirty");
+    let message = error.to_string();
+    assert!(message.contains("golang-migrate recorded revision 20251228120000"), "{message}");
+    assert!(message.contains("migrate force"), "{message}");
+}
+
+#[test]
+fn every_tool_has_a_query_and_a_default_table() {
+    let all = [
+        TrackingTool::Alembic,
+        TrackingTool::Flyway,
+        TrackingTool::GolangMigrate,
+        TrackingTool::Sqlx,
+        TrackingTool::Rails,
+        TrackingTool::Django,
+        TrackingTool::Liquibase,
+        TrackingTool::Prisma,
+        TrackingTool::Atlas,
+        TrackingTool::Schemagate,
+    ];
+    for tool in all {
+        for (engine, dialect) in [
+            (Engine::Postgres, tools::Dialect::Postgres),
+            (Engine::Mysql, tools::Dialect::Mysql),
+        ] {
+            assert!(!tools::default_tables(tool, engine).is_empty());
+            let select = tools::select_revisions(tool, dialect, "\"t\"");
+            assert!(select.starts_with("SELECT CAST(") || select.starts_with("SELECT COALESCE("));
+            assert!(select.contains("FROM \"t\""), "{select}");
+        }
+    }
+    assert!(tools::is_head_only(TrackingTool::Alembic));
+    assert!(tools::is_head_only(TrackingTool::GolangMigrate));
+    assert!(!tools::is_head_only(TrackingTool::Flyway));
+}
+
+#[test]
+fn head_equal_to_required_is_satisfied() {
+    assert!(is_satisfied(&heads(&["0002"]), "0002", &[]));
+    assert!(is_satisfied(&heads(&["ae1027a6acf"]), "ae1027a6acf", &[]));
+}
+
+#[test]
+fn ordered_integer_and_timestamp_heads_satisfy_older_requirements() {
+    assert!(is_satisfied(&heads(&["12"]), "9", &[]));
+    assert!(is_satisfied(&heads(&["0002"]), "0001", &[]));
+    assert!(!is_satisfied(&heads(&["9"]), "12", &[]));
+    assert!(is_satisfied(&heads(&["20251228120000"]), "20251201090000", &[]));
+    assert!(!is_satisfied(&heads(&["20251201090000"]), "20251228120000", &[]));
+    // Beyond 64 bits: compared by value all the same.
+    assert!(is_satisfied(
+        &heads(&["202512281200000000001"]),
+        "202512281200000000000",
+        &[]
+    ));
+    // Not all digits: no order is assumed.
+    assert!(!is_satisfied(&heads(&["20251228_0003"]), "20251228_0002", &[]));
+    assert!(!is_satisfied(&heads(&["-5"]), "3", &[]));
+}
+
+#[test]
+fn alembic_hex_heads_follow_the_order_this_migration_saw() {
+    let seen = strings(&["1975ea83b712", "ae1027a6acf", "27c6a30d7c24"]);
+    // Old code (needs ae1027a6acf) rolled back onto the newer schema: released.
+    assert!(is_satisfied(&heads(&["27c6a30d7c24"]), "ae1027a6acf", &seen));
+    // New code on the old schema: held.
+    assert!(!is_satisfied(&heads(&["ae1027a6acf"]), "27c6a30d7c24", &seen));
+    // Revisions this migration never saw: only equality counts.
+    assert!(!is_satisfied(&heads(&["27c6a30d7c24"]), "ffffffffffff", &seen));
+    assert!(!is_satisfied(&heads(&["ffffffffffff"]), "ae1027a6acf", &seen));
+    // A downgrade seen later does not make the old head pass for the newer revision.
+    let downgraded = strings(&["1975ea83b712", "ae1027a6acf", "1975ea83b712"]);
+    assert!(!is_satisfied(&heads(&["1975ea83b712"]), "ae1027a6acf", &downgraded));
+}
+
+#[test]
+fn several_alembic_heads_satisfy_when_any_head_does() {
+    let seen = strings(&["base1", "a1", "b1", "a2"]);
+    let applied = heads(&["a2", "b1"]);
+    assert!(is_satisfied(&applied, "b1", &seen));
+    assert!(is_satisfied(&applied, "a1", &seen));
+    assert!(!is_satisfied(&applied, "b2", &seen));
+}
+
+#[test]
+fn nothing_applied_satisfies_nothing() {
+    assert!(!is_satisfied(&heads(&[]), "0001", &strings(&["0001"])));
+    assert!(!is_satisfied(&history(&[]), "0001", &[]));
+    assert_eq!(current_revision(&heads(&[]), "0001"), None);
+    assert_eq!(current_revision(&history(&[]), "0001"), None);
+}
+
+#[test]
+fn history_tools_count_membership_only() {
+    let applied = history(&["1", "2", "4"]);
+    assert!(is_satisfied(&applied, "2", &[]));
+    // A skipped out-of-order migration is really missing, whatever the numbers say.
+    assert!(!is_satisfied(&applied, "3", &strings(&["1", "2", "3", "4"])));
+}
+
+#[test]
+fn current_revision_prefers_the_required_one_then_the_head_or_newest() {
+    assert_eq!(
+        current_revision(&history(&["1", "2", "3"]), "2").as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        current_revision(&history(&["1", "2", "3"]), "7").as_deref(),
+        Some("3")
+    );
+    assert_eq!(current_revision(&heads(&["0002"]), "0001").as_deref(), Some("0002"));
+    assert_eq!(current_revision(&heads(&["a2", "b1"]), "b1").as_deref(), Some("b1"));
+    assert_eq!(current_revision(&heads(&["a2", "b1"]), "c").as_deref(), Some("a2,b1"));
+}

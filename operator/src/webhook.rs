@@ -1,0 +1,159 @@
+//! The mutating admission webhook: pauses an opted-in Deployment and marks it held before
+//! it is stored, when its required revision is not applied, so that no ReplicaSet of the
+//! new template is ever created early.
+
+use crate::certs::ServingCert;
+use crate::context::Context;
+use crate::gate::{self, Verdict};
+use crate::telemetry::GateLabels;
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube::runtime::reflector::ObjectRef;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Path the webhook configuration points at.
+pub const PATH: &str = "/mutate-deployments";
+
+/// The TLS configuration in use; replaced when the certificate is rotated.
+pub type TlsConfig = Arc<RwLock<Arc<ServerConfig>>>;
+
+pub fn tls_config(cert: &ServingCert) -> Result<Arc<ServerConfig>, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("webhook certificate: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
+        .map_err(|e| format!("webhook key: {e}"))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("webhook certificate and key: {e}"))?;
+    Ok(Arc::new(config))
+}
+
+pub fn router(ctx: Arc<Context>) -> Router {
+    Router::new().route(PATH, post(mutate)).with_state(ctx)
+}
+
+async fn mutate(
+    State(ctx): State<Arc<Context>>,
+    Json(review): Json<AdmissionReview<Deployment>>,
+) -> Json<AdmissionReview<DynamicObject>> {
+    let started = Instant::now();
+    let request: AdmissionRequest<Deployment> = match review.try_into() {
+        Ok(request) => request,
+        Err(error) => {
+            return Json(AdmissionResponse::invalid(format!("not an AdmissionReview: {error}")).into_review());
+        }
+    };
+    let response = admit(&ctx, &request);
+    ctx.metrics
+        .admission_duration
+        .observe(started.elapsed().as_secs_f64());
+    Json(response.into_review())
+}
+
+/// Decides on one Deployment. Always allows it: holding means pausing, never refusing.
+pub fn admit(ctx: &Context, request: &AdmissionRequest<Deployment>) -> AdmissionResponse {
+    let response = AdmissionResponse::from(request);
+    let Some(deployment) = &request.object else {
+        return response;
+    };
+    // The operator's own holds and releases follow a fresh read; a cache that lags a few
+    // milliseconds must not undo them.
+    if let (Some(user), Some(identity)) = (&request.user_info.username, ctx.identity.get())
+        && user == identity
+    {
+        return response;
+    }
+    let requirement = gate::requirement(deployment);
+    let verdict = match &requirement {
+        Some(requirement) => {
+            let namespace = request.namespace.clone().unwrap_or_default();
+            let key = ObjectRef::new(&requirement.migration).within(&namespace);
+            gate::evaluate(ctx.migrations.get(&key).as_deref(), requirement)
+        }
+        None => Verdict::Satisfied,
+    };
+    let change = gate::decide(deployment, requirement.as_ref(), &verdict);
+    let operations = gate::json_patch(deployment, &change);
+    if operations.is_empty() {
+        return response;
+    }
+    let action = match change {
+        gate::GateChange::Hold { .. } => "hold",
+        _ => "release",
+    };
+    match serde_json::from_value::<json_patch::Patch>(serde_json::Value::Array(operations)) {
+        Ok(patch) => match response.clone().with_patch(patch) {
+            Ok(patched) => {
+                ctx.metrics
+                    .gate_changes
+                    .get_or_create(&GateLabels { action, by: "webhook" })
+                    .inc();
+                if let Verdict::Held { message, .. } = &verdict {
+                    tracing::info!(
+                        namespace = request.namespace.as_deref().unwrap_or_default(),
+                        name = request.name,
+                        "admission: held: {message}"
+                    );
+                }
+                patched
+            }
+            Err(error) => {
+                tracing::warn!(%error, "admission: cannot encode the patch; the controller will hold instead");
+                response
+            }
+        },
+        Err(error) => {
+            tracing::warn!(%error, "admission: cannot build the patch; the controller will hold instead");
+            response
+        }
+    }
+}
+
+/// Serves the webhook over TLS until `shutdown`.
+pub async fn serve(
+    addr: SocketAddr,
+    tls: TlsConfig,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "webhook listening");
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            () = &mut shutdown => return Ok(()),
+        };
+        let config = match tls.read() {
+            Ok(config) => config.clone(),
+            Err(_) => continue,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let Ok(stream) = TlsAcceptor::from(config).accept(stream).await else {
+                return;
+            };
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
