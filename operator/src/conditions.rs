@@ -23,7 +23,7 @@ impl Status {
 }
 
 /// Conditions are bounded: a message longer than this is cut, keeping its end.
-pub const MAX_MESSAGE_LEN: usize = 1024;
+pub const MAX_MESSAGE_LEN: usize = 2048;
 
 /// Sets condition `type_`, replacing one of the same type. The transition time changes only
 /// when the status does.

@@ -97,7 +97,7 @@ async fn reconcile(migration: &DatabaseMigration, ctx: &Context) -> Result<Actio
     }
 }
 
-async fn reconcile_migration(guard: Arc<GuardedMigration>, ctx: Arc<Context>) -> Result<Action> {
+pub(crate) async fn reconcile_migration(guard: Arc<GuardedMigration>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started("migration");
     let (result, reference, key) = match &guard.0 {
         Ok(migration) => (

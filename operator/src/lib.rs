@@ -26,3 +26,6 @@ pub mod webhook;
 pub(crate) mod testing;
 
 pub use context::FIELD_MANAGER;
+
+#[cfg(test)]
+mod scenario_tests;

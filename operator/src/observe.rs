@@ -17,7 +17,7 @@ use std::time::Duration;
 /// Longest a probe may take before it counts as unreachable.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How much of a migrator's termination message is kept.
-const MESSAGE_TAIL: usize = 800;
+const MESSAGE_TAIL: usize = 700;
 
 pub async fn observe(ctx: &Context, migration: &DatabaseMigration) -> Result<Observed> {
     let namespace = migration.namespace().unwrap_or_default();

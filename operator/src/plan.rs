@@ -301,7 +301,8 @@ impl Draft<'_> {
         });
     }
 
-    fn push_history(&mut self, entry: HistoryEntry) {
+    /// Adds an attempt to the history unless it is there already; says whether it was new.
+    fn push_history(&mut self, entry: HistoryEntry) -> bool {
         let already = self.status.history.iter().any(|h| {
             h.revision == entry.revision && h.job == entry.job && h.result == entry.result
         });
@@ -309,6 +310,7 @@ impl Draft<'_> {
             self.status.history.insert(0, entry);
             self.status.history.truncate(MAX_HISTORY);
         }
+        !already
     }
 
     fn history_entry(&self, job: Option<&ObservedJob>, result: &str) -> HistoryEntry {
@@ -375,13 +377,16 @@ impl Draft<'_> {
         self.set(DRIFTED, Status::False, "InSync", &message);
         match job {
             Some(job) if job.state == JobState::Succeeded => {
+                // The database may show the revision before the Job is marked complete:
+                // the attempt is recorded, and told, once the Job is.
                 let entry = self.history_entry(Some(job), "Succeeded");
-                self.push_history(entry);
-                self.note_on_transition(
-                    EventType::Normal,
-                    "MigrationSucceeded",
-                    format!("migration Job {} applied revision {revision}; Deployments needing it are released", job.name),
-                );
+                if self.push_history(entry) {
+                    self.notes.push(Note {
+                        type_: EventType::Normal,
+                        reason: "MigrationSucceeded",
+                        message: format!("migration Job {} applied revision {revision}; Deployments needing it are released", job.name),
+                    });
+                }
             }
             Some(_) => {
                 self.note_on_transition(
@@ -398,7 +403,7 @@ impl Draft<'_> {
                     .any(|h| h.revision == revision && h.result != "Failed");
                 if !adopted {
                     let entry = self.history_entry(None, "Adopted");
-                    self.push_history(entry);
+                    let _ = self.push_history(entry);
                 }
                 self.note_on_transition(
                     EventType::Normal,
@@ -495,7 +500,7 @@ impl Draft<'_> {
         self.set(PROGRESSING, Status::False, reason, &message);
         self.set(FAILED, Status::True, reason, &message);
         let entry = self.history_entry(Some(job), "Failed");
-        self.push_history(entry);
+        let _ = self.push_history(entry);
         self.note_on_transition(EventType::Warning, reason, message);
         let next = if reason == "RevisionNotApplied" {
             // A lagging read replica may catch up; a failed Job will not.

@@ -27,6 +27,8 @@ use tracing::{info, warn};
 
 /// How often the managed webhook certificate is checked for renewal.
 const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(6 * 3600);
+/// How often certificate files from cert-manager are read again.
+const CERT_DIR_CHECK_INTERVAL: Duration = Duration::from_secs(300);
 
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -130,9 +132,8 @@ pub async fn run(
     if let Some(settings) = &config.webhook {
         let cert = load_certificate(&client, settings).await?;
         let tls: webhook::TlsConfig = Arc::new(RwLock::new(webhook::tls_config(&cert).map_err(RunError::Tls)?));
-        if let CertificateSource::Managed { .. } = &settings.certificate {
-            tokio::spawn(rotate_certificate(client.clone(), settings.clone(), tls.clone(), cert, stopped()));
-        }
+        // Managed: renew before expiry. Directory: cert-manager renews the files; re-read them.
+        tokio::spawn(rotate_certificate(client.clone(), settings.clone(), tls.clone(), cert, stopped()));
         let router = webhook::router(ctx.clone());
         let addr = settings.addr;
         let listener_check = tokio::net::TcpListener::bind(addr)
@@ -228,9 +229,13 @@ async fn rotate_certificate(
     stop: Shutdown,
 ) {
     tokio::pin!(stop);
+    let interval = match settings.certificate {
+        CertificateSource::Managed { .. } => CERT_CHECK_INTERVAL,
+        CertificateSource::Directory(_) => CERT_DIR_CHECK_INTERVAL,
+    };
     loop {
         tokio::select! {
-            () = tokio::time::sleep(CERT_CHECK_INTERVAL) => {}
+            () = tokio::time::sleep(interval) => {}
             () = &mut stop => return,
         }
         match load_certificate(&client, &settings).await {

@@ -1,1 +1,5 @@
+//! End-to-end tests: one local control plane per run of this binary (see docs/testing.md).
 
+mod cluster;
+mod operator;
+mod support;

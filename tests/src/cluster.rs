@@ -47,9 +47,11 @@ const CONTROLLERS: &[&str] = &[
     "root-ca-certificate-publisher-controller",
     "serviceaccount-controller",
     "serviceaccount-token-controller",
+    "service-cidr-controller",
     "statefulset-controller",
     "ttl-after-finished-controller",
     "ttl-controller",
+    "validatingadmissionpolicy-status-controller",
 ];
 
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -122,7 +124,9 @@ impl StartError {
 
 /// The last [`LOG_TAIL_LINES`] lines of a log file (empty if it cannot be read).
 pub fn log_tail(path: &Path) -> String {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
 }
@@ -154,7 +158,8 @@ impl Cluster {
     /// databases accept connections. On failure, whatever was started is stopped again.
     pub async fn start(options: ClusterOptions) -> Result<Self, StartError> {
         let started = Instant::now();
-        let dir = absolute(&options.dir).map_err(|e| StartError::new("setup", format!("{e:#}"), None))?;
+        let dir =
+            absolute(&options.dir).map_err(|e| StartError::new("setup", format!("{e:#}"), None))?;
         let k8s_bin = match &options.k8s_bin {
             Some(bin) => bin.clone(),
             None => build_control_plane()
@@ -173,7 +178,8 @@ impl Cluster {
             started_in: Duration::ZERO,
         };
         let databases = start_databases(cluster.dir.join("db"), options.databases);
-        let (control_plane, databases) = tokio::join!(cluster.start_control_plane(&options), databases);
+        let (control_plane, databases) =
+            tokio::join!(cluster.start_control_plane(&options), databases);
         let result = control_plane.and_then(|()| {
             let (postgres, mariadb) = databases?;
             cluster.postgres = postgres;
@@ -206,7 +212,9 @@ impl Cluster {
             .with_context(|| format!("creating {}", dir.join("logs").display()))
             .map_err(setup)?;
         let pki = Pki::generate(&dir.join("pki")).map_err(setup)?;
-        let ca_pem = std::fs::read_to_string(&pki.ca_cert).context("reading CA").map_err(setup)?;
+        let ca_pem = std::fs::read_to_string(&pki.ca_cert)
+            .context("reading CA")
+            .map_err(setup)?;
 
         let etcd_port = free_port().map_err(setup)?;
         let etcd_peer_port = free_port().map_err(setup)?;
@@ -230,7 +238,8 @@ impl Cluster {
                 etcd_peer_port.to_string(),
             ],
         )?;
-        self.wait_ready(etcd, deadline, || etcd_healthy(etcd_port)).await?;
+        self.wait_ready(etcd, deadline, || etcd_healthy(etcd_port))
+            .await?;
 
         // kube-apiserver
         let server = format!("https://127.0.0.1:{}", self.apiserver_port);
@@ -262,15 +271,20 @@ impl Cluster {
             &ca_pem,
             "schemagate-admin",
             pki::Credentials::ClientCertificate {
-                cert_pem: &std::fs::read_to_string(&pki.admin_cert).context("reading admin cert").map_err(setup)?,
-                key_pem: &std::fs::read_to_string(&pki.admin_key).context("reading admin key").map_err(setup)?,
+                cert_pem: &std::fs::read_to_string(&pki.admin_cert)
+                    .context("reading admin cert")
+                    .map_err(setup)?,
+                key_pem: &std::fs::read_to_string(&pki.admin_key)
+                    .context("reading admin key")
+                    .map_err(setup)?,
             },
         );
         std::fs::write(&self.kubeconfig, &admin_kubeconfig)
             .with_context(|| format!("writing {}", self.kubeconfig.display()))
             .map_err(setup)?;
         let client = admin_client(&self.kubeconfig).await.map_err(setup)?;
-        self.wait_ready(apiserver, deadline, || apiserver_ready(&client)).await?;
+        self.wait_ready(apiserver, deadline, || apiserver_ready(&client))
+            .await?;
 
         // kube-controller-manager
         let kubeconfig = p(&self.kubeconfig);
@@ -280,7 +294,10 @@ impl Cluster {
             format!("--authorization-kubeconfig={kubeconfig}"),
             "--leader-elect=false".into(),
             format!("--controllers={}", CONTROLLERS.join(",")),
-            format!("--service-account-private-key-file={}", p(&pki.service_account_key)),
+            format!(
+                "--service-account-private-key-file={}",
+                p(&pki.service_account_key)
+            ),
             format!("--root-ca-file={}", p(&pki.ca_cert)),
             "--bind-address=127.0.0.1".into(),
             format!("--secure-port={controller_manager_port}"),
@@ -298,13 +315,22 @@ impl Cluster {
 
         let namespaces: Api<Namespace> = Api::all(client.clone());
         let images = Namespace {
-            metadata: ObjectMeta { name: Some(IMAGES_NAMESPACE.into()), ..ObjectMeta::default() },
+            metadata: ObjectMeta {
+                name: Some(IMAGES_NAMESPACE.into()),
+                ..ObjectMeta::default()
+            },
             ..Namespace::default()
         };
         match namespaces.create(&PostParams::default(), &images).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 409 => {}
-            Err(e) => return Err(StartError::new("setup", format!("creating namespace {IMAGES_NAMESPACE}: {e}"), None)),
+            Err(e) => {
+                return Err(StartError::new(
+                    "setup",
+                    format!("creating namespace {IMAGES_NAMESPACE}: {e}"),
+                    None,
+                ));
+            }
         }
 
         // The test node, in this process.
@@ -322,8 +348,9 @@ impl Cluster {
 
     fn spawn(&mut self, name: &'static str, args: &[String]) -> Result<usize, StartError> {
         let log_path = self.dir.join("logs").join(format!("{name}.log"));
-        let log = std::fs::File::create(&log_path)
-            .map_err(|e| StartError::new(name, format!("creating {}: {e}", log_path.display()), None))?;
+        let log = std::fs::File::create(&log_path).map_err(|e| {
+            StartError::new(name, format!("creating {}: {e}", log_path.display()), None)
+        })?;
         let log_err = log
             .try_clone()
             .map_err(|e| StartError::new(name, format!("duplicating log handle: {e}"), None))?;
@@ -340,14 +367,27 @@ impl Cluster {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| {
-                StartError::new(name, format!("spawning {}: {e}", self.k8s_bin.display()), Some(&log_path))
+                StartError::new(
+                    name,
+                    format!("spawning {}: {e}", self.k8s_bin.display()),
+                    Some(&log_path),
+                )
             })?;
-        self.components.push(Component { name, child, log_path });
+        self.components.push(Component {
+            name,
+            child,
+            log_path,
+        });
         Ok(self.components.len() - 1)
     }
 
     /// Polls `ready` until it holds, failing early if the process exits.
-    async fn wait_ready<F, Fut>(&mut self, index: usize, timeout: Duration, ready: F) -> Result<(), StartError>
+    async fn wait_ready<F, Fut>(
+        &mut self,
+        index: usize,
+        timeout: Duration,
+        ready: F,
+    ) -> Result<(), StartError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = bool>,
@@ -366,7 +406,11 @@ impl Cluster {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    return Err(StartError::new(component.name, format!("waiting for process: {e}"), Some(&component.log_path)));
+                    return Err(StartError::new(
+                        component.name,
+                        format!("waiting for process: {e}"),
+                        Some(&component.log_path),
+                    ));
                 }
             }
             if ready().await {
@@ -401,8 +445,11 @@ impl Cluster {
 
     /// Writes `kubeconfig` (already there), `cluster.env` and the `ready` marker.
     pub fn write_env(&self) -> anyhow::Result<PathBuf> {
-        let mut env = String::from("# Written by schemagate-cluster; source it or include it from make.\n");
-        let mut var = |name: &str, value: &str| env.push_str(&format!("export {name}={}\n", shell_quote(value)));
+        let mut env =
+            String::from("# Written by schemagate-cluster; source it or include it from make.\n");
+        let mut var = |name: &str, value: &str| {
+            env.push_str(&format!("export {name}={}\n", shell_quote(value)))
+        };
         var("KUBECONFIG", &self.kubeconfig.display().to_string());
         var("K8S_BIN", &self.k8s_bin.display().to_string());
         var("KUBERNETES_API_URL", &self.apiserver_url());
@@ -469,7 +516,10 @@ async fn stop_process(name: &str, child: &mut Child) {
     match tokio::time::timeout(STOP_GRACE, child.wait()).await {
         Ok(_) => tracing::info!(component = name, "stopped"),
         Err(_) => {
-            tracing::warn!(component = name, "did not stop within {STOP_GRACE:?}; killing");
+            tracing::warn!(
+                component = name,
+                "did not stop within {STOP_GRACE:?}; killing"
+            );
             let _ = child.kill().await;
         }
     }
@@ -499,12 +549,20 @@ async fn start_databases(
     let postgres_dir = dir.join("postgres");
     let mariadb_dir = dir.join("mariadb");
     for d in [&postgres_dir, &mariadb_dir] {
-        remove_dir_if_exists(d).map_err(|e| StartError::new("databases", format!("{e:#}"), None))?;
+        remove_dir_if_exists(d)
+            .map_err(|e| StartError::new("databases", format!("{e:#}"), None))?;
     }
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| StartError::new("databases", format!("creating {}: {e}", dir.display()), None))?;
-    let (postgres, mariadb) =
-        tokio::join!(DatabaseServer::start_postgres(&postgres_dir), DatabaseServer::start_mariadb(&mariadb_dir));
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        StartError::new(
+            "databases",
+            format!("creating {}: {e}", dir.display()),
+            None,
+        )
+    })?;
+    let (postgres, mariadb) = tokio::join!(
+        DatabaseServer::start_postgres(&postgres_dir),
+        DatabaseServer::start_mariadb(&mariadb_dir)
+    );
     let postgres = postgres.map_err(|e| StartError::new("postgresql", format!("{e:#}"), None))?;
     let mariadb = mariadb.map_err(|e| StartError::new("mariadb", format!("{e:#}"), None))?;
     tracing::info!(elapsed = ?started.elapsed(), "databases ready");
@@ -526,9 +584,23 @@ pub async fn build_control_plane() -> anyhow::Result<PathBuf> {
         .output()
         .await
         .with_context(|| format!("running {}", script.display()))?;
-    anyhow::ensure!(output.status.success(), "{} failed with {}", script.display(), output.status);
-    let path = String::from_utf8_lossy(&output.stdout).trim().lines().last().unwrap_or_default().to_owned();
-    anyhow::ensure!(!path.is_empty(), "{} printed no binary path", script.display());
+    anyhow::ensure!(
+        output.status.success(),
+        "{} failed with {}",
+        script.display(),
+        output.status
+    );
+    let path = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_owned();
+    anyhow::ensure!(
+        !path.is_empty(),
+        "{} printed no binary path",
+        script.display()
+    );
     Ok(PathBuf::from(path))
 }
 
@@ -536,9 +608,10 @@ pub async fn build_control_plane() -> anyhow::Result<PathBuf> {
 pub async fn admin_client(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
     let config = kube::config::Kubeconfig::read_from(kubeconfig)
         .with_context(|| format!("reading {}", kubeconfig.display()))?;
-    let config = kube::Config::from_custom_kubeconfig(config, &kube::config::KubeConfigOptions::default())
-        .await
-        .context("loading kubeconfig")?;
+    let config =
+        kube::Config::from_custom_kubeconfig(config, &kube::config::KubeConfigOptions::default())
+            .await
+            .context("loading kubeconfig")?;
     kube::Client::try_from(config).context("building client")
 }
 
@@ -552,12 +625,17 @@ async fn apiserver_ready(client: &kube::Client) -> bool {
 async fn etcd_healthy(port: u16) -> bool {
     let probe = async {
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        stream.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await?;
+        stream
+            .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await?;
         let mut response = String::new();
         stream.read_to_string(&mut response).await?;
         std::io::Result::Ok(response.contains("\"health\":\"true\""))
     };
-    matches!(tokio::time::timeout(Duration::from_secs(2), probe).await, Ok(Ok(true)))
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), probe).await,
+        Ok(Ok(true))
+    )
 }
 
 /// A loopback port that was free a moment ago.
@@ -568,7 +646,8 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-    path.canonicalize().with_context(|| format!("resolving {}", path.display()))
+    path.canonicalize()
+        .with_context(|| format!("resolving {}", path.display()))
 }
 
 fn remove_dir_if_exists(path: &Path) -> anyhow::Result<()> {
@@ -581,7 +660,9 @@ fn remove_dir_if_exists(path: &Path) -> anyhow::Result<()> {
 
 /// Quotes a value for sh when it has anything beyond a conservative set of characters.
 fn shell_quote(value: &str) -> String {
-    let safe = value.chars().all(|c| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c));
+    let safe = value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c));
     if safe && !value.is_empty() {
         value.to_owned()
     } else {
@@ -595,7 +676,10 @@ mod tests {
 
     #[test]
     fn shell_quote_leaves_urls_alone_and_quotes_the_rest() {
-        assert_eq!(shell_quote("postgres://u:p@127.0.0.1:5432/db"), "postgres://u:p@127.0.0.1:5432/db");
+        assert_eq!(
+            shell_quote("postgres://u:p@127.0.0.1:5432/db"),
+            "postgres://u:p@127.0.0.1:5432/db"
+        );
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }

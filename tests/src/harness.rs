@@ -7,7 +7,11 @@
 //! Each test's tokio runtime is its own, so [`TestCluster::client`] builds a new client on
 //! every call rather than sharing one bound to another runtime.
 
-#![allow(clippy::panic, clippy::expect_used, reason = "test harness: a failed step fails the test")]
+#![allow(
+    clippy::panic,
+    clippy::expect_used,
+    reason = "test harness: a failed step fails the test"
+)]
 
 use std::fmt::Debug;
 use std::io::{BufRead as _, BufReader};
@@ -72,7 +76,12 @@ fn supervisor_binary() -> Result<PathBuf, String> {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe().map_err(|e| format!("locating the test executable: {e}"))?;
-    let candidates: Vec<PathBuf> = exe.ancestors().skip(1).take(2).map(|d| d.join("schemagate-cluster")).collect();
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("schemagate-cluster"))
+        .collect();
     candidates
         .iter()
         .find(|p| p.is_file())
@@ -82,12 +91,16 @@ fn supervisor_binary() -> Result<PathBuf, String> {
 
 fn start_cluster() -> Result<TestCluster, String> {
     let binary = supervisor_binary()?;
-    let base = binary.parent().map_or_else(std::env::temp_dir, Path::to_path_buf).join("e2e-clusters");
+    let base = binary
+        .parent()
+        .map_or_else(std::env::temp_dir, Path::to_path_buf)
+        .join("e2e-clusters");
     prune_old_runs(&base);
     let dir = base.join(format!("{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let log_path = dir.join("supervisor.log");
-    let log = std::fs::File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
+    let log = std::fs::File::create(&log_path)
+        .map_err(|e| format!("creating {}: {e}", log_path.display()))?;
     let started = Instant::now();
     let mut child = Command::new(&binary)
         .args(["up", "--exit-on-stdin-eof", "--clean-up", "--dir"])
@@ -109,7 +122,13 @@ fn start_cluster() -> Result<TestCluster, String> {
         }
     });
 
-    let fail = |what: String| format!("{what}\n--- {} ---\n{}", log_path.display(), log_tail(&log_path));
+    let fail = |what: String| {
+        format!(
+            "{what}\n--- {} ---\n{}",
+            log_path.display(),
+            log_tail(&log_path)
+        )
+    };
     let mut deadline = started + BUILD_TIMEOUT;
     let mut k8s_bin = None;
     loop {
@@ -124,17 +143,27 @@ fn start_cluster() -> Result<TestCluster, String> {
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
-                return Err(fail(format!("schemagate-cluster not ready after {:?}", started.elapsed())));
+                return Err(fail(format!(
+                    "schemagate-cluster not ready after {:?}",
+                    started.elapsed()
+                )));
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
-                return Err(fail(format!("schemagate-cluster exited ({status}) before it was ready")));
+                return Err(fail(format!(
+                    "schemagate-cluster exited ({status}) before it was ready"
+                )));
             }
         }
     }
-    eprintln!("e2e: local cluster ready in {:.1}s ({})", started.elapsed().as_secs_f64(), dir.display());
+    eprintln!(
+        "e2e: local cluster ready in {:.1}s ({})",
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
 
-    let env = std::fs::read_to_string(dir.join("cluster.env")).map_err(|e| fail(format!("reading cluster.env: {e}")))?;
+    let env = std::fs::read_to_string(dir.join("cluster.env"))
+        .map_err(|e| fail(format!("reading cluster.env: {e}")))?;
     let var = |name: &str| {
         env.lines()
             .find_map(|l| l.strip_prefix(&format!("export {name}=")))
@@ -142,7 +171,8 @@ fn start_cluster() -> Result<TestCluster, String> {
             .unwrap_or_default()
     };
     let kubeconfig = dir.join("kubeconfig");
-    let config = load_config(&kubeconfig).map_err(|e| fail(format!("loading kubeconfig: {e:#}")))?;
+    let config =
+        load_config(&kubeconfig).map_err(|e| fail(format!("loading kubeconfig: {e:#}")))?;
     Ok(TestCluster {
         k8s_bin: k8s_bin.unwrap_or_else(|| PathBuf::from(var("K8S_BIN"))),
         postgres: var("POSTGRES_ADMIN_URL"),
@@ -156,7 +186,9 @@ fn start_cluster() -> Result<TestCluster, String> {
 
 /// Removes logs of earlier runs after a day.
 fn prune_old_runs(base: &Path) {
-    let Ok(entries) = std::fs::read_dir(base) else { return };
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
     let day = Duration::from_secs(24 * 3600);
     for entry in entries.flatten() {
         let old = entry
@@ -194,14 +226,24 @@ impl TestCluster {
 
     /// A client that authenticates with a bearer token (e.g. from the TokenRequest API).
     pub fn client_with_token(&self, token: &str) -> kube::Client {
-        let ca = std::fs::read_to_string(self.dir.join("pki/ca.crt")).expect("reading the cluster CA");
-        let yaml = crate::pki::kubeconfig(&self.api_url(), &ca, "token-user", crate::pki::Credentials::Token(token));
+        let ca =
+            std::fs::read_to_string(self.dir.join("pki/ca.crt")).expect("reading the cluster CA");
+        let yaml = crate::pki::kubeconfig(
+            &self.api_url(),
+            &ca,
+            "token-user",
+            crate::pki::Credentials::Token(token),
+        );
         let config = config_from_yaml(&yaml).expect("building a token kubeconfig");
         kube::Client::try_from(config).expect("building the token client")
     }
 
     pub fn api_url(&self) -> String {
-        self.config.cluster_url.to_string().trim_end_matches('/').to_owned()
+        self.config
+            .cluster_url
+            .to_string()
+            .trim_end_matches('/')
+            .to_owned()
     }
 
     pub fn kubeconfig_path(&self) -> &Path {
@@ -238,7 +280,13 @@ impl TestCluster {
     /// Registers (or replaces) an image-map entry: pods using `image` run as local
     /// processes in `dir`, with `path_prefix` before PATH and `entrypoint` when the
     /// container has no command.
-    pub async fn register_image(&self, image: &str, dir: &Path, path_prefix: Option<&str>, entrypoint: Option<&[&str]>) {
+    pub async fn register_image(
+        &self,
+        image: &str,
+        dir: &Path,
+        path_prefix: Option<&str>,
+        entrypoint: Option<&[&str]>,
+    ) {
         let entry = ImageEntry {
             image: image.to_owned(),
             dir: dir.to_path_buf(),
@@ -246,14 +294,23 @@ impl TestCluster {
             entrypoint: entrypoint.map(|e| e.iter().map(|s| (*s).to_owned()).collect()),
         };
         let config_map = entry.to_config_map().expect("building the image map entry");
-        let name = config_map.metadata.name.clone().expect("image map entries are named");
+        let name = config_map
+            .metadata
+            .name
+            .clone()
+            .expect("image map entries are named");
         let api: Api<ConfigMap> = Api::namespaced(self.client(), IMAGES_NAMESPACE);
-        let mut config_map = serde_json::to_value(&config_map).expect("serializing the image map entry");
+        let mut config_map =
+            serde_json::to_value(&config_map).expect("serializing the image map entry");
         config_map["apiVersion"] = "v1".into();
         config_map["kind"] = "ConfigMap".into();
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&config_map))
-            .await
-            .unwrap_or_else(|e| panic!("registering image {image}: {e}"));
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&config_map),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("registering image {image}: {e}"));
     }
 }
 
@@ -269,10 +326,18 @@ pub async fn namespace(test_name: &str) -> TestNamespace {
     let cluster = cluster().await;
     let readable: String = test_name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     let readable: String = readable.trim_matches('-').chars().take(45).collect();
-    let suffix: String = (0..6).map(|_| fastrand::alphanumeric().to_ascii_lowercase()).collect();
+    let suffix: String = (0..6)
+        .map(|_| fastrand::alphanumeric().to_ascii_lowercase())
+        .collect();
     let name = format!("e2e-{}-{suffix}", readable.trim_end_matches('-'));
     let namespace = Namespace {
         metadata: ObjectMeta {
@@ -288,7 +353,14 @@ pub async fn namespace(test_name: &str) -> TestNamespace {
         .await
         .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
     let accounts: Api<ServiceAccount> = Api::namespaced(client, &name);
-    wait_for(&accounts, "default", Duration::from_secs(30), "the default ServiceAccount exists", |_| true).await;
+    wait_for(
+        &accounts,
+        "default",
+        Duration::from_secs(30),
+        "the default ServiceAccount exists",
+        |_| true,
+    )
+    .await;
     TestNamespace { name, cluster }
 }
 
@@ -319,7 +391,10 @@ impl Drop for TestNamespace {
         // Drop cannot await, and may run inside the test's runtime: do the API calls on a
         // thread with a runtime of its own.
         let work = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             runtime.block_on(async move {
@@ -353,24 +428,53 @@ pub async fn dump_namespace(cluster: &TestCluster, namespace: &str) -> String {
                     out,
                     "pod {name}: phase={} node={} ip={} deleting={}",
                     status.phase.as_deref().unwrap_or("?"),
-                    pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or("-"),
+                    pod.spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.as_deref())
+                        .unwrap_or("-"),
                     status.pod_ip.as_deref().unwrap_or("-"),
                     pod.metadata.deletion_timestamp.is_some(),
                 );
                 for c in status.conditions.iter().flatten() {
-                    let _ = writeln!(out, "  condition {}={} {}", c.type_, c.status, c.reason.as_deref().unwrap_or(""));
+                    let _ = writeln!(
+                        out,
+                        "  condition {}={} {}",
+                        c.type_,
+                        c.status,
+                        c.reason.as_deref().unwrap_or("")
+                    );
                 }
-                for c in status.init_container_statuses.iter().flatten().chain(status.container_statuses.iter().flatten()) {
+                for c in status
+                    .init_container_statuses
+                    .iter()
+                    .flatten()
+                    .chain(status.container_statuses.iter().flatten())
+                {
                     let state = serde_json::to_string(&c.state).unwrap_or_default();
-                    let _ = writeln!(out, "  container {} ready={} state={state}", c.name, c.ready);
+                    let _ = writeln!(
+                        out,
+                        "  container {} ready={} state={state}",
+                        c.name, c.ready
+                    );
                 }
-                let uid8: String = pod.metadata.uid.as_deref().unwrap_or_default().chars().take(8).collect();
-                let pod_dir = cluster.dir.join("node/pods").join(format!("{namespace}_{name}_{uid8}"));
+                let uid8: String = pod
+                    .metadata
+                    .uid
+                    .as_deref()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(8)
+                    .collect();
+                let pod_dir = cluster
+                    .dir
+                    .join("node/pods")
+                    .join(format!("{namespace}_{name}_{uid8}"));
                 if let Ok(containers) = std::fs::read_dir(&pod_dir) {
                     for container in containers.flatten() {
                         let log = container.path().join("output.log");
                         if log.is_file() {
-                            let _ = writeln!(out, "  --- {} ---\n{}", log.display(), log_tail(&log));
+                            let _ =
+                                writeln!(out, "  --- {} ---\n{}", log.display(), log_tail(&log));
                         }
                     }
                 }
@@ -425,7 +529,8 @@ where
             let last = match api.get_opt(name).await {
                 Ok(Some(object)) => {
                     let value = serde_json::to_value(&object).unwrap_or_default();
-                    serde_json::to_string_pretty(value.get("status").unwrap_or(&value)).unwrap_or_default()
+                    serde_json::to_string_pretty(value.get("status").unwrap_or(&value))
+                        .unwrap_or_default()
                 }
                 Ok(None) => "object does not exist".to_owned(),
                 Err(e) => format!("reading it failed: {e}"),
@@ -438,8 +543,14 @@ where
 /// The Deployment's current generation is rolled out and Available.
 pub fn deployment_is_available(deployment: &Deployment) -> bool {
     let generation = deployment.metadata.generation.unwrap_or_default();
-    let replicas = deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let Some(status) = &deployment.status else { return false };
+    let replicas = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
+    let Some(status) = &deployment.status else {
+        return false;
+    };
     let available = status
         .conditions
         .iter()
@@ -453,8 +564,19 @@ pub fn deployment_is_available(deployment: &Deployment) -> bool {
 }
 
 /// Waits until the Deployment's current generation is rolled out and Available.
-pub async fn deployment_available(api: &Api<Deployment>, name: &str, timeout: Duration) -> Deployment {
-    wait_for(api, name, timeout, "rolled out and Available", deployment_is_available).await
+pub async fn deployment_available(
+    api: &Api<Deployment>,
+    name: &str,
+    timeout: Duration,
+) -> Deployment {
+    wait_for(
+        api,
+        name,
+        timeout,
+        "rolled out and Available",
+        deployment_is_available,
+    )
+    .await
 }
 
 fn job_condition(job: &Job, kind: &str) -> bool {
@@ -466,15 +588,29 @@ fn job_condition(job: &Job, kind: &str) -> bool {
 
 /// Waits until the Job is Complete; fails the test at once if it fails instead.
 pub async fn job_complete(api: &Api<Job>, name: &str, timeout: Duration) -> Job {
-    let job = wait_for(api, name, timeout, "Complete or Failed", |j| job_condition(j, "Complete") || job_condition(j, "Failed")).await;
-    assert!(job_condition(&job, "Complete"), "job {name} failed: {:?}", job.status);
+    let job = wait_for(api, name, timeout, "Complete or Failed", |j| {
+        job_condition(j, "Complete") || job_condition(j, "Failed")
+    })
+    .await;
+    assert!(
+        job_condition(&job, "Complete"),
+        "job {name} failed: {:?}",
+        job.status
+    );
     job
 }
 
 /// Waits until the Job has Failed; fails the test at once if it completes instead.
 pub async fn job_failed(api: &Api<Job>, name: &str, timeout: Duration) -> Job {
-    let job = wait_for(api, name, timeout, "Failed or Complete", |j| job_condition(j, "Complete") || job_condition(j, "Failed")).await;
-    assert!(job_condition(&job, "Failed"), "job {name} completed, expected it to fail: {:?}", job.status);
+    let job = wait_for(api, name, timeout, "Failed or Complete", |j| {
+        job_condition(j, "Complete") || job_condition(j, "Failed")
+    })
+    .await;
+    assert!(
+        job_condition(&job, "Failed"),
+        "job {name} completed, expected it to fail: {:?}",
+        job.status
+    );
     job
 }
 

@@ -34,7 +34,11 @@ const SERVING_NAMES: &[&str] = &[
     "kubernetes.default.svc.cluster.local",
 ];
 
-fn params(common_name: &str, organization: Option<&str>, sans: &[&str]) -> anyhow::Result<CertificateParams> {
+fn params(
+    common_name: &str,
+    organization: Option<&str>,
+    sans: &[&str],
+) -> anyhow::Result<CertificateParams> {
     let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
     let mut params = CertificateParams::new(sans)?;
     let mut name = DistinguishedName::new();
@@ -106,7 +110,11 @@ pub fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {

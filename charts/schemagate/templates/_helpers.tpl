@@ -116,10 +116,10 @@ or, with watchNamespace, in that namespace only (Role).
 - apiGroups: ["schemagate.dev"]
   resources: ["databasemigrations/finalizers"]
   verbs: ["update"]
-# Migration Jobs. patch: server-side apply creates them with a PATCH request.
+# Migration Jobs.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 # Migrator pods, for their termination message.
 - apiGroups: [""]
   resources: ["pods"]

@@ -14,7 +14,10 @@ use std::io::Read as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
-#[command(name = "schemagate-cluster", about = "Local Kubernetes control plane for schemagate's tests and demo")]
+#[command(
+    name = "schemagate-cluster",
+    about = "Local Kubernetes control plane for schemagate's tests and demo"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Commands,
@@ -48,7 +51,12 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn")),
         )
         .init();
-    let Commands::Up { dir, exit_on_stdin_eof, no_databases, clean_up } = Cli::parse().command;
+    let Commands::Up {
+        dir,
+        exit_on_stdin_eof,
+        no_databases,
+        clean_up,
+    } = Cli::parse().command;
     match up(&dir, exit_on_stdin_eof, !no_databases, clean_up).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -58,7 +66,12 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn up(dir: &Path, exit_on_stdin_eof: bool, databases: bool, clean_up: bool) -> anyhow::Result<()> {
+async fn up(
+    dir: &Path,
+    exit_on_stdin_eof: bool,
+    databases: bool,
+    clean_up: bool,
+) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let k8s_bin = build_control_plane().await?;

@@ -41,7 +41,11 @@ impl PodAddresses {
             .output()
             .await
             .context("running `ip addr show dev lo`")?;
-        anyhow::ensure!(output.status.success(), "`ip addr show dev lo` failed: {}", String::from_utf8_lossy(&output.stderr));
+        anyhow::ensure!(
+            output.status.success(),
+            "`ip addr show dev lo` failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         let listing = String::from_utf8_lossy(&output.stdout);
         let start = fastrand::u16(0..512);
         for offset in 0..512u16 {
@@ -49,7 +53,13 @@ impl PodAddresses {
             let prefix = [198, 18 + u8::from(n >= 256), (n % 256) as u8];
             let needle = format!(" {}.{}.{}.", prefix[0], prefix[1], prefix[2]);
             if !listing.contains(&needle) {
-                return Ok(Self { prefix, state: Mutex::new(State { in_use: BTreeSet::new(), next: FIRST_HOST }) });
+                return Ok(Self {
+                    prefix,
+                    state: Mutex::new(State {
+                        in_use: BTreeSet::new(),
+                        next: FIRST_HOST,
+                    }),
+                });
             }
         }
         anyhow::bail!("no free /24 left in 198.18.0.0/15 on lo")
@@ -57,17 +67,27 @@ impl PodAddresses {
 
     /// The pod subnet, for documentation and logs.
     pub fn subnet(&self) -> String {
-        format!("{}.{}.{}.0/24", self.prefix[0], self.prefix[1], self.prefix[2])
+        format!(
+            "{}.{}.{}.0/24",
+            self.prefix[0], self.prefix[1], self.prefix[2]
+        )
     }
 
     /// Takes a free address and adds it to `lo`.
     pub async fn allocate(&self) -> anyhow::Result<Ipv4Addr> {
         let host = {
-            let mut state = self.state.lock().map_err(|_| anyhow::anyhow!("address allocator poisoned"))?;
+            let mut state = self
+                .state
+                .lock()
+                .map_err(|_| anyhow::anyhow!("address allocator poisoned"))?;
             let mut found = None;
             for _ in FIRST_HOST..=LAST_HOST {
                 let candidate = state.next;
-                state.next = if candidate >= LAST_HOST { FIRST_HOST } else { candidate + 1 };
+                state.next = if candidate >= LAST_HOST {
+                    FIRST_HOST
+                } else {
+                    candidate + 1
+                };
                 if !state.in_use.contains(&candidate) {
                     found = Some(candidate);
                     break;
@@ -131,5 +151,8 @@ async fn ip_addr(action: &str, address: Ipv4Addr) -> anyhow::Result<()> {
     if output.status.success() || (action == "add" && stderr.contains("File exists")) {
         return Ok(());
     }
-    anyhow::bail!("`ip addr {action} {address}/32 dev lo` failed: {}", stderr.trim())
+    anyhow::bail!(
+        "`ip addr {action} {address}/32 dev lo` failed: {}",
+        stderr.trim()
+    )
 }

@@ -27,11 +27,19 @@ pub struct Sources {
 
 impl Sources {
     pub fn new(client: kube::Client, namespace: &str) -> Self {
-        Self { client, namespace: namespace.to_owned(), secrets: HashMap::new(), config_maps: HashMap::new() }
+        Self {
+            client,
+            namespace: namespace.to_owned(),
+            secrets: HashMap::new(),
+            config_maps: HashMap::new(),
+        }
     }
 
     /// A Secret's data, `None` when it does not exist.
-    pub async fn secret(&mut self, name: &str) -> Result<Option<&BTreeMap<String, Vec<u8>>>, ConfigError> {
+    pub async fn secret(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<&BTreeMap<String, Vec<u8>>>, ConfigError> {
         if !self.secrets.contains_key(name) {
             let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
             let secret = api
@@ -39,7 +47,11 @@ impl Sources {
                 .await
                 .map_err(|e| ConfigError(format!("reading secret {name:?}: {e}")))?;
             let data = secret.map(|s| {
-                s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect::<BTreeMap<_, _>>()
+                s.data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0))
+                    .collect::<BTreeMap<_, _>>()
             });
             self.secrets.insert(name.to_owned(), data);
         }
@@ -47,7 +59,10 @@ impl Sources {
     }
 
     /// A ConfigMap's data and binaryData, `None` when it does not exist.
-    pub async fn config_map(&mut self, name: &str) -> Result<Option<&BTreeMap<String, Vec<u8>>>, ConfigError> {
+    pub async fn config_map(
+        &mut self,
+        name: &str,
+    ) -> Result<Option<&BTreeMap<String, Vec<u8>>>, ConfigError> {
         if !self.config_maps.contains_key(name) {
             let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
             let config_map = api
@@ -55,9 +70,18 @@ impl Sources {
                 .await
                 .map_err(|e| ConfigError(format!("reading configmap {name:?}: {e}")))?;
             let data = config_map.map(|c| {
-                let mut data: BTreeMap<String, Vec<u8>> =
-                    c.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
-                data.extend(c.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
+                let mut data: BTreeMap<String, Vec<u8>> = c
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes()))
+                    .collect();
+                data.extend(
+                    c.binary_data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.0)),
+                );
                 data
             });
             self.config_maps.insert(name.to_owned(), data);
@@ -66,7 +90,12 @@ impl Sources {
     }
 
     /// One key of a Secret; `Ok(None)` only when the reference is optional and missing.
-    pub async fn secret_key(&mut self, name: &str, key: &str, optional: bool) -> Result<Option<Vec<u8>>, ConfigError> {
+    pub async fn secret_key(
+        &mut self,
+        name: &str,
+        key: &str,
+        optional: bool,
+    ) -> Result<Option<Vec<u8>>, ConfigError> {
         let namespace = self.namespace.clone();
         match self.secret(name).await? {
             None if optional => Ok(None),
@@ -74,7 +103,9 @@ impl Sources {
             Some(data) => match data.get(key) {
                 Some(value) => Ok(Some(value.clone())),
                 None if optional => Ok(None),
-                None => Err(ConfigError(format!("couldn't find key {key} in Secret {namespace}/{name}"))),
+                None => Err(ConfigError(format!(
+                    "couldn't find key {key} in Secret {namespace}/{name}"
+                ))),
             },
         }
     }
@@ -93,7 +124,9 @@ impl Sources {
             Some(data) => match data.get(key) {
                 Some(value) => Ok(Some(value.clone())),
                 None if optional => Ok(None),
-                None => Err(ConfigError(format!("couldn't find key {key} in ConfigMap {namespace}/{name}"))),
+                None => Err(ConfigError(format!(
+                    "couldn't find key {key} in ConfigMap {namespace}/{name}"
+                ))),
             },
         }
     }
@@ -104,11 +137,18 @@ pub fn field_value(pod: &Pod, field_path: &str, pod_ip: &str) -> Result<String, 
     let meta = &pod.metadata;
     let spec = pod.spec.as_ref();
     let map_entry = |map: &Option<BTreeMap<String, String>>, key: &str| {
-        map.as_ref().and_then(|m| m.get(key)).cloned().unwrap_or_default()
+        map.as_ref()
+            .and_then(|m| m.get(key))
+            .cloned()
+            .unwrap_or_default()
     };
     let map_lines = |map: &Option<BTreeMap<String, String>>| {
         map.as_ref()
-            .map(|m| m.iter().map(|(k, v)| format!("{k}={v:?}\n")).collect::<String>())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={v:?}\n"))
+                    .collect::<String>()
+            })
             .unwrap_or_default()
     };
     let value = match field_path {
@@ -118,13 +158,21 @@ pub fn field_value(pod: &Pod, field_path: &str, pod_ip: &str) -> Result<String, 
         "metadata.labels" => map_lines(&meta.labels),
         "metadata.annotations" => map_lines(&meta.annotations),
         "spec.nodeName" => spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()).unwrap_or_default(),
+        "spec.serviceAccountName" => spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_default(),
         "status.podIP" | "status.podIPs" => pod_ip.to_owned(),
         "status.hostIP" | "status.hostIPs" => "127.0.0.1".to_owned(),
         other => {
-            if let Some(key) = other.strip_prefix("metadata.labels['").and_then(|k| k.strip_suffix("']")) {
+            if let Some(key) = other
+                .strip_prefix("metadata.labels['")
+                .and_then(|k| k.strip_suffix("']"))
+            {
                 map_entry(&meta.labels, key)
-            } else if let Some(key) = other.strip_prefix("metadata.annotations['").and_then(|k| k.strip_suffix("']")) {
+            } else if let Some(key) = other
+                .strip_prefix("metadata.annotations['")
+                .and_then(|k| k.strip_suffix("']"))
+            {
                 map_entry(&meta.annotations, key)
             } else {
                 return Err(ConfigError(format!("unsupported fieldRef {other:?}")));
@@ -151,7 +199,10 @@ pub async fn resolve(
             match sources.secret(name).await? {
                 Some(data) => {
                     for (key, value) in data {
-                        env.set(format!("{prefix}{key}"), String::from_utf8_lossy(value).into_owned());
+                        env.set(
+                            format!("{prefix}{key}"),
+                            String::from_utf8_lossy(value).into_owned(),
+                        );
                     }
                 }
                 None if reference.optional == Some(true) => {}
@@ -163,7 +214,10 @@ pub async fn resolve(
             match sources.config_map(name).await? {
                 Some(data) => {
                     for (key, value) in data {
-                        env.set(format!("{prefix}{key}"), String::from_utf8_lossy(value).into_owned());
+                        env.set(
+                            format!("{prefix}{key}"),
+                            String::from_utf8_lossy(value).into_owned(),
+                        );
                     }
                 }
                 None if reference.optional == Some(true) => {}
@@ -176,10 +230,14 @@ pub async fn resolve(
             Some(expand(value, |name| env.get(name)))
         } else if let Some(from) = &var.value_from {
             if let Some(r) = &from.secret_key_ref {
-                let value = sources.secret_key(&r.name, &r.key, r.optional == Some(true)).await?;
+                let value = sources
+                    .secret_key(&r.name, &r.key, r.optional == Some(true))
+                    .await?;
                 value.map(|v| String::from_utf8_lossy(&v).into_owned())
             } else if let Some(r) = &from.config_map_key_ref {
-                let value = sources.config_map_key(&r.name, &r.key, r.optional == Some(true)).await?;
+                let value = sources
+                    .config_map_key(&r.name, &r.key, r.optional == Some(true))
+                    .await?;
                 value.map(|v| String::from_utf8_lossy(&v).into_owned())
             } else if let Some(r) = &from.field_ref {
                 Some(field_value(pod, &r.field_path, pod_ip)?)
@@ -222,7 +280,10 @@ impl Env {
     }
 
     fn get(&self, name: &str) -> Option<String> {
-        self.vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        self.vars
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
     }
 
     fn into_vec(self) -> Vec<(String, String)> {
@@ -291,6 +352,12 @@ mod tests {
     fn later_variables_override_earlier_ones() {
         let mut env = Env::from(vec![("A".into(), "1".into()), ("B".into(), "2".into())]);
         env.set("A".into(), "3".into());
-        assert_eq!(env.into_vec(), vec![("A".to_owned(), "3".to_owned()), ("B".to_owned(), "2".to_owned())]);
+        assert_eq!(
+            env.into_vec(),
+            vec![
+                ("A".to_owned(), "3".to_owned()),
+                ("B".to_owned(), "2".to_owned())
+            ]
+        );
     }
 }

@@ -49,18 +49,23 @@ impl ImageEntry {
 
     fn from_config_map(config_map: &ConfigMap) -> anyhow::Result<Self> {
         let name = config_map.metadata.name.as_deref().unwrap_or_default();
-        let data = config_map.data.as_ref().with_context(|| format!("image map entry {name} has no data"))?;
+        let data = config_map
+            .data
+            .as_ref()
+            .with_context(|| format!("image map entry {name} has no data"))?;
         let field = |key: &str| data.get(key).filter(|v| !v.is_empty()).cloned();
         let entrypoint = match field("entrypoint") {
-            Some(json) => Some(
-                serde_json::from_str::<Vec<String>>(&json)
-                    .with_context(|| format!("image map entry {name}: entrypoint is not a JSON array of strings"))?,
-            ),
+            Some(json) => Some(serde_json::from_str::<Vec<String>>(&json).with_context(|| {
+                format!("image map entry {name}: entrypoint is not a JSON array of strings")
+            })?),
             None => None,
         };
         Ok(Self {
-            image: field("image").with_context(|| format!("image map entry {name} has no `image`"))?,
-            dir: PathBuf::from(field("dir").with_context(|| format!("image map entry {name} has no `dir`"))?),
+            image: field("image")
+                .with_context(|| format!("image map entry {name} has no `image`"))?,
+            dir: PathBuf::from(
+                field("dir").with_context(|| format!("image map entry {name} has no `dir`"))?,
+            ),
             path_prefix: field("path"),
             entrypoint,
         })
@@ -71,14 +76,20 @@ impl ImageEntry {
 pub fn config_map_name(image: &str) -> String {
     let readable: String = image
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     let readable: String = readable.trim_matches('-').chars().take(40).collect();
     let readable = readable.trim_end_matches('-');
     // FNV-1a: stable across runs and platforms, unlike std's hasher.
-    let hash = image
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let hash = image.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     format!("img-{readable}-{:08x}", hash & 0xffff_ffff)
 }
 
@@ -110,7 +121,10 @@ mod tests {
         assert!(a.starts_with("img-registry-example-app-4515ca8-"), "{a}");
         assert_ne!(a, b);
         assert!(a.len() <= 63);
-        assert!(a.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        );
     }
 
     #[test]

@@ -27,8 +27,8 @@ use anyhow::Context as _;
 use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod};
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -79,7 +79,8 @@ enum Stop {
 
 impl TestNode {
     pub async fn start(config: NodeConfig) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&config.dir).with_context(|| format!("creating {}", config.dir.display()))?;
+        std::fs::create_dir_all(&config.dir)
+            .with_context(|| format!("creating {}", config.dir.display()))?;
         let addresses = PodAddresses::new().await?;
         tracing::info!(subnet = %addresses.subnet(), "test node pod addresses");
         register(&config.client).await?;
@@ -98,7 +99,10 @@ impl TestNode {
     /// Stops every pod process and the watch.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        if tokio::time::timeout(SHUTDOWN_TIMEOUT, self.task).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_TIMEOUT, self.task)
+            .await
+            .is_err()
+        {
             tracing::warn!("test node did not shut down within {SHUTDOWN_TIMEOUT:?}");
         }
     }
@@ -129,7 +133,10 @@ async fn register(client: &kube::Client) -> anyhow::Result<()> {
         Err(kube::Error::Api(status)) if status.code == 409 => {}
         Err(e) => return Err(e).context("registering the test node"),
     }
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).to_string();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .to_string();
     let capacity = serde_json::json!({"cpu": cpus, "memory": "16Gi", "pods": "250", "ephemeral-storage": "100Gi"});
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let status = serde_json::json!({
@@ -196,7 +203,10 @@ async fn run(ctx: Arc<NodeContext>, mut shutdown: watch::Receiver<bool>) {
     for stop in tracked.values() {
         stop.send_replace(Some(Stop::Shutdown));
     }
-    let drained = tokio::time::timeout(SHUTDOWN_TIMEOUT, async { while tasks.join_next().await.is_some() {} }).await;
+    let drained = tokio::time::timeout(SHUTDOWN_TIMEOUT, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     if drained.is_err() {
         tasks.abort_all();
     }
@@ -211,7 +221,9 @@ fn on_pod(
     finished: &HashSet<String>,
     tasks: &mut JoinSet<String>,
 ) {
-    let Some(uid) = pod.metadata.uid.clone() else { return };
+    let Some(uid) = pod.metadata.uid.clone() else {
+        return;
+    };
     if finished.contains(&uid) {
         return;
     }
@@ -241,11 +253,17 @@ fn on_pod(
 }
 
 async fn bind(client: &kube::Client, pod: &Pod) {
-    let (Some(name), Some(namespace)) = (pod.metadata.name.as_deref(), pod.metadata.namespace.as_deref()) else {
+    let (Some(name), Some(namespace)) = (
+        pod.metadata.name.as_deref(),
+        pod.metadata.namespace.as_deref(),
+    ) else {
         return;
     };
     let binding = Binding {
-        metadata: ObjectMeta { name: Some(name.to_owned()), ..ObjectMeta::default() },
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
         target: ObjectReference {
             api_version: Some("v1".to_owned()),
             kind: Some("Node".to_owned()),
@@ -254,21 +272,31 @@ async fn bind(client: &kube::Client, pod: &Pod) {
         },
     };
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let result: Result<serde_json::Value, kube::Error> =
-        api.create_subresource("binding", name, &PostParams::default(), &binding).await;
+    let result: Result<serde_json::Value, kube::Error> = api
+        .create_subresource("binding", name, &PostParams::default(), &binding)
+        .await;
     match result {
         Ok(_) => tracing::debug!(pod = %format!("{namespace}/{name}"), "bound"),
         Err(kube::Error::Api(status)) if status.code == 409 || status.code == 404 => {}
-        Err(e) => tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "binding failed"),
+        Err(e) => {
+            tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "binding failed")
+        }
     }
 }
 
 fn is_terminal(pod: &Pod) -> bool {
-    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
 }
 
 fn is_job_pod(pod: &Pod) -> bool {
-    pod.metadata.owner_references.iter().flatten().any(|o| o.kind == "Job" && o.api_version.starts_with("batch/"))
+    pod.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "Job" && o.api_version.starts_with("batch/"))
 }
 
 /// Resolves to the stop request, treating a dropped sender as shutdown.
@@ -281,15 +309,26 @@ async fn stopped(stop: &mut watch::Receiver<Option<Stop>>) -> Stop {
 
 /// One pod from binding to deletion.
 async fn pod_lifecycle(ctx: Arc<NodeContext>, pod: Pod, mut stop: watch::Receiver<Option<Stop>>) {
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), pod.metadata.namespace.as_deref().unwrap_or("default"));
+    let api: Api<Pod> = Api::namespaced(
+        ctx.client.clone(),
+        pod.metadata.namespace.as_deref().unwrap_or("default"),
+    );
     let name = pod.metadata.name.clone().unwrap_or_default();
-    let key = format!("{}/{name}", pod.metadata.namespace.as_deref().unwrap_or_default());
+    let key = format!(
+        "{}/{name}",
+        pod.metadata.namespace.as_deref().unwrap_or_default()
+    );
 
     // Deleted before it ever ran here (or after a node restart): terminal status, then delete.
     if *stop.borrow() == Some(Stop::Delete) {
         if !is_terminal(&pod) {
             let run = PodRun::new(api.clone(), &pod, None);
-            run.write_phase("Failed", Some("Terminated"), Some("pod was deleted before it ran")).await;
+            run.write_phase(
+                "Failed",
+                Some("Terminated"),
+                Some("pod was deleted before it ran"),
+            )
+            .await;
         }
         delete_now(&api, &pod).await;
         return;
@@ -300,7 +339,8 @@ async fn pod_lifecycle(ctx: Arc<NodeContext>, pod: Pod, mut stop: watch::Receive
         Err(e) => {
             tracing::warn!(pod = %key, error = %format!("{e:#}"), "no pod address");
             let run = PodRun::new(api.clone(), &pod, None);
-            run.write_phase("Failed", Some("NodeError"), Some(&format!("{e:#}"))).await;
+            run.write_phase("Failed", Some("NodeError"), Some(&format!("{e:#}")))
+                .await;
             if stopped(&mut stop).await == Stop::Delete {
                 delete_now(&api, &pod).await;
             }
@@ -315,8 +355,14 @@ async fn pod_lifecycle(ctx: Arc<NodeContext>, pod: Pod, mut stop: watch::Receive
             Vec::new()
         }
     };
-    let containers = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
-    let mapped = containers.iter().any(|c| images.iter().any(|e| Some(&e.image) == c.image.as_ref()));
+    let containers = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default();
+    let mapped = containers
+        .iter()
+        .any(|c| images.iter().any(|e| Some(&e.image) == c.image.as_ref()));
     let mut run = PodRun::new(api.clone(), &pod, Some(ip));
     let stop_reason = if is_job_pod(&pod) || mapped {
         tracing::info!(pod = %key, %ip, "running pod as local processes");
@@ -343,7 +389,10 @@ async fn delete_now(api: &Api<Pod>, pod: &Pod) {
     let name = pod.metadata.name.clone().unwrap_or_default();
     let params = DeleteParams {
         grace_period_seconds: Some(0),
-        preconditions: Some(Preconditions { uid: pod.metadata.uid.clone(), resource_version: None }),
+        preconditions: Some(Preconditions {
+            uid: pod.metadata.uid.clone(),
+            resource_version: None,
+        }),
         ..DeleteParams::default()
     };
     match api.delete(&name, &params).await {
@@ -366,7 +415,13 @@ async fn run_processes(
         "{}_{}_{}",
         pod.metadata.namespace.as_deref().unwrap_or_default(),
         pod.metadata.name.as_deref().unwrap_or_default(),
-        pod.metadata.uid.as_deref().unwrap_or_default().chars().take(8).collect::<String>()
+        pod.metadata
+            .uid
+            .as_deref()
+            .unwrap_or_default()
+            .chars()
+            .take(8)
+            .collect::<String>()
     ));
     let ip_text = ip.to_string();
     let penv = PodEnvironment {
@@ -395,7 +450,16 @@ async fn run_processes(
         .map_or(MAX_GRACE, |s| Duration::from_secs(s).min(MAX_GRACE));
 
     for (index, launch) in prepared.init.iter().enumerate() {
-        match run_group(run, Group::Init(index), std::slice::from_ref(launch), &ip, grace, stop).await {
+        match run_group(
+            run,
+            Group::Init(index),
+            std::slice::from_ref(launch),
+            &ip,
+            grace,
+            stop,
+        )
+        .await
+        {
             GroupEnd::Exited if run.init_succeeded(index) => {}
             GroupEnd::Exited => {
                 run.set_phase("Failed");
@@ -408,7 +472,11 @@ async fn run_processes(
     run.set_initialized();
     match run_group(run, Group::Main, &prepared.main, &ip, grace, stop).await {
         GroupEnd::Exited => {
-            let phase = if run.all_main_succeeded() { "Succeeded" } else { "Failed" };
+            let phase = if run.all_main_succeeded() {
+                "Succeeded"
+            } else {
+                "Failed"
+            };
             run.set_phase(phase);
             run.write().await;
             stopped(stop).await
@@ -467,8 +535,12 @@ async fn run_group(
                 });
             }
             Err(e) => {
-                let message = format!("starting {:?}: {e}", launch.argv.get(5..).unwrap_or_default());
-                run.set_container(slot(i), ContainerState::terminated(128, "StartError", Some(message), None), false);
+                let message = format!("starting container {}: {e}", launch.name);
+                run.set_container(
+                    slot(i),
+                    ContainerState::terminated(128, "StartError", Some(message), None),
+                    false,
+                );
             }
         }
     }
@@ -485,7 +557,9 @@ async fn run_group(
         let waiting_for_readiness: Vec<usize> = launches
             .iter()
             .enumerate()
-            .filter(|(i, l)| l.readiness_port.is_some() && pids[*i].is_some() && !run.is_ready(slot(*i)))
+            .filter(|(i, l)| {
+                l.readiness_port.is_some() && pids[*i].is_some() && !run.is_ready(slot(*i))
+            })
             .map(|(i, _)| i)
             .collect();
         tokio::select! {
@@ -523,7 +597,12 @@ async fn run_group(
     }
 }
 
-fn record_exit(run: &mut PodRun, slot: status::Slot, launch: &Launch, status: std::io::Result<std::process::ExitStatus>) {
+fn record_exit(
+    run: &mut PodRun,
+    slot: status::Slot,
+    launch: &Launch,
+    status: std::io::Result<std::process::ExitStatus>,
+) {
     let (code, message) = match status {
         Ok(status) => {
             let code = process::exit_code(&status);
@@ -533,7 +612,11 @@ fn record_exit(run: &mut PodRun, slot: status::Slot, launch: &Launch, status: st
     };
     let reason = if code == 0 { "Completed" } else { "Error" };
     let started = run.started_at(slot);
-    run.set_container(slot, ContainerState::terminated(code, reason, message, started), false);
+    run.set_container(
+        slot,
+        ContainerState::terminated(code, reason, message, started),
+        false,
+    );
 }
 
 /// SIGTERM to every process group, SIGKILL after `grace`, then collect the exits.

@@ -59,7 +59,11 @@ pub struct PodEnvironment<'a> {
 }
 
 /// A token for the pod's ServiceAccount, bound to the pod (TokenRequest API).
-pub async fn request_token(client: &kube::Client, pod: &Pod, audience: Option<&str>) -> Result<String, ConfigError> {
+pub async fn request_token(
+    client: &kube::Client,
+    pod: &Pod,
+    audience: Option<&str>,
+) -> Result<String, ConfigError> {
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let account = pod
         .spec
@@ -83,11 +87,16 @@ pub async fn request_token(client: &kube::Client, pod: &Pod, audience: Option<&s
     let response = api
         .create_token_request(&account, &PostParams::default(), &request)
         .await
-        .map_err(|e| ConfigError(format!("requesting a token for serviceaccount {namespace}/{account}: {e}")))?;
-    response
-        .status
-        .map(|s| s.token)
-        .ok_or_else(|| ConfigError(format!("token request for serviceaccount {namespace}/{account} returned no token")))
+        .map_err(|e| {
+            ConfigError(format!(
+                "requesting a token for serviceaccount {namespace}/{account}: {e}"
+            ))
+        })?;
+    response.status.map(|s| s.token).ok_or_else(|| {
+        ConfigError(format!(
+            "token request for serviceaccount {namespace}/{account} returned no token"
+        ))
+    })
 }
 
 /// Writes the pod's kubeconfig and volumes and resolves every container's command and
@@ -99,9 +108,18 @@ pub async fn prepare(penv: &PodEnvironment<'_>) -> Result<PreparedPod, ConfigErr
 
     let token = request_token(penv.client, pod, None).await?;
     let server = format!("https://127.0.0.1:{}", penv.apiserver_port);
-    let account = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+    let account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
     let kubeconfig = penv.pod_dir.join("kubeconfig");
-    let text = pki::kubeconfig(&server, penv.ca_pem, &account, pki::Credentials::Token(&token));
+    let text = pki::kubeconfig(
+        &server,
+        penv.ca_pem,
+        &account,
+        pki::Credentials::Token(&token),
+    );
     std::fs::write(&kubeconfig, text).map_err(|e| io("writing kubeconfig", e))?;
 
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
@@ -113,13 +131,23 @@ pub async fn prepare(penv: &PodEnvironment<'_>) -> Result<PreparedPod, ConfigErr
         token: &token,
         ca_pem: penv.ca_pem,
     };
-    let volume_paths = volumes::materialize(&volume_ctx, &mut sources, &penv.pod_dir.join("volumes")).await?;
+    let volume_paths =
+        volumes::materialize(&volume_ctx, &mut sources, &penv.pod_dir.join("volumes")).await?;
 
     let spec = pod.spec.clone().unwrap_or_default();
-    let mut prepared = PreparedPod { init: Vec::new(), main: Vec::new() };
-    for (containers, out) in [(spec.init_containers.unwrap_or_default(), &mut prepared.init), (spec.containers, &mut prepared.main)] {
+    let mut prepared = PreparedPod {
+        init: Vec::new(),
+        main: Vec::new(),
+    };
+    for (containers, out) in [
+        (spec.init_containers.unwrap_or_default(), &mut prepared.init),
+        (spec.containers, &mut prepared.main),
+    ] {
         for container in &containers {
-            out.push(prepare_container(penv, container, &kubeconfig, &volume_paths, &mut sources).await?);
+            out.push(
+                prepare_container(penv, container, &kubeconfig, &volume_paths, &mut sources)
+                    .await?,
+            );
         }
     }
     Ok(prepared)
@@ -147,12 +175,24 @@ async fn prepare_container(
     };
     let mut base = vec![
         ("PATH".to_owned(), path),
-        ("HOME".to_owned(), std::env::var("HOME").unwrap_or_else(|_| "/root".into())),
-        ("HOSTNAME".to_owned(), pod.metadata.name.clone().unwrap_or_default()),
+        (
+            "HOME".to_owned(),
+            std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
+        ),
+        (
+            "HOSTNAME".to_owned(),
+            pod.metadata.name.clone().unwrap_or_default(),
+        ),
         ("KUBECONFIG".to_owned(), kubeconfig.display().to_string()),
         ("KUBERNETES_SERVICE_HOST".to_owned(), "127.0.0.1".to_owned()),
-        ("KUBERNETES_SERVICE_PORT".to_owned(), penv.apiserver_port.to_string()),
-        ("KUBERNETES_SERVICE_PORT_HTTPS".to_owned(), penv.apiserver_port.to_string()),
+        (
+            "KUBERNETES_SERVICE_PORT".to_owned(),
+            penv.apiserver_port.to_string(),
+        ),
+        (
+            "KUBERNETES_SERVICE_PORT_HTTPS".to_owned(),
+            penv.apiserver_port.to_string(),
+        ),
         ("POD_IP".to_owned(), penv.pod_ip.to_owned()),
     ];
     if let Ok(lang) = std::env::var("LANG") {
@@ -172,26 +212,38 @@ async fn prepare_container(
         )));
     }
     let args = container.args.clone().unwrap_or_default();
-    let program: Vec<String> = command.iter().chain(args.iter()).map(|a| expand(a, lookup)).collect();
+    let program: Vec<String> = command
+        .iter()
+        .chain(args.iter())
+        .map(|a| expand(a, lookup))
+        .collect();
 
     let cwd = match (&container.working_dir, entry) {
         (Some(dir), _) if !dir.is_empty() => PathBuf::from(dir),
         (_, Some(entry)) => entry.dir.clone(),
         _ => {
             let work = penv.pod_dir.join("work");
-            std::fs::create_dir_all(&work).map_err(|e| ConfigError(format!("creating {}: {e}", work.display())))?;
+            std::fs::create_dir_all(&work)
+                .map_err(|e| ConfigError(format!("creating {}: {e}", work.display())))?;
             work
         }
     };
 
     let termination_log = container_dir.join("termination-log");
-    std::fs::write(&termination_log, b"").map_err(|e| ConfigError(format!("creating termination log: {e}")))?;
-    let termination_path = container.termination_message_path.clone().unwrap_or_else(|| "/dev/termination-log".into());
+    std::fs::write(&termination_log, b"")
+        .map_err(|e| ConfigError(format!("creating termination log: {e}")))?;
+    let termination_path = container
+        .termination_message_path
+        .clone()
+        .unwrap_or_else(|| "/dev/termination-log".into());
 
     let mut prelude = String::from("set -e\n");
     for mount in container.volume_mounts.iter().flatten() {
         let Some(source) = volume_paths.get(&mount.name) else {
-            return Err(ConfigError(format!("volumeMount {:?} names no volume", mount.name)));
+            return Err(ConfigError(format!(
+                "volumeMount {:?} names no volume",
+                mount.name
+            )));
         };
         let source = match mount.sub_path.as_deref() {
             Some(sub) if !sub.is_empty() => {
@@ -204,15 +256,30 @@ async fn prepare_container(
             }
             _ => source.clone(),
         };
-        prelude.push_str(&bind_mount(&source, &mount.mount_path, mount.read_only == Some(true)));
+        prelude.push_str(&bind_mount(
+            &source,
+            &mount.mount_path,
+            mount.read_only == Some(true),
+        ));
     }
     prelude.push_str(&bind_mount(&termination_log, &termination_path, false));
-    prelude.push_str(&format!("cd {}\nexec \"$@\"\n", sh_quote(&cwd.display().to_string())));
+    prelude.push_str(&format!(
+        "cd {}\nexec \"$@\"\n",
+        sh_quote(&cwd.display().to_string())
+    ));
 
-    let mut argv: Vec<String> = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c"]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
+    let mut argv: Vec<String> = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
     argv.push(prelude);
     argv.push("sh".to_owned());
     argv.extend(program);
@@ -224,7 +291,8 @@ async fn prepare_container(
         cwd,
         log_path: container_dir.join("output.log"),
         termination_log,
-        fallback_to_logs: container.termination_message_policy.as_deref() == Some("FallbackToLogsOnError"),
+        fallback_to_logs: container.termination_message_policy.as_deref()
+            == Some("FallbackToLogsOnError"),
         readiness_port: readiness_port(container),
     })
 }
@@ -235,8 +303,14 @@ fn bind_mount(source: &Path, target: &str, read_only: bool) -> String {
     let mut lines = if source.is_dir() {
         format!("mkdir -p {dst}\n")
     } else {
-        let parent = Path::new(target).parent().map(|p| p.display().to_string()).unwrap_or_else(|| "/".into());
-        format!("mkdir -p {}\n[ -e {dst} ] || : > {dst}\n", sh_quote(&parent))
+        let parent = Path::new(target)
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "/".into());
+        format!(
+            "mkdir -p {}\n[ -e {dst} ] || : > {dst}\n",
+            sh_quote(&parent)
+        )
     };
     lines.push_str(&format!("mount --bind {src} {dst}\n"));
     if read_only {
@@ -269,14 +343,24 @@ fn readiness_port(container: &Container) -> Option<u16> {
 
 /// Starts a container's process in its own process group, output to its log file.
 pub fn spawn(launch: &Launch) -> std::io::Result<Child> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&launch.log_path)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&launch.log_path)?;
     let log_err = log.try_clone()?;
-    let (program, args) = launch.argv.split_first().ok_or_else(|| std::io::Error::other("empty argv"))?;
+    let (program, args) = launch
+        .argv
+        .split_first()
+        .ok_or_else(|| std::io::Error::other("empty argv"))?;
     Command::new(program)
         .args(args)
         .env_clear()
         .envs(launch.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .current_dir(if launch.cwd.is_dir() { launch.cwd.as_path() } else { Path::new("/") })
+        .current_dir(if launch.cwd.is_dir() {
+            launch.cwd.as_path()
+        } else {
+            Path::new("/")
+        })
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
@@ -288,7 +372,10 @@ pub fn spawn(launch: &Launch) -> std::io::Result<Child> {
 /// The exit code as a container runtime reports it: 128+N when killed by signal N.
 pub fn exit_code(status: &std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt as _;
-    status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(-1)
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
 }
 
 /// The termination message: the file at `terminationMessagePath`, or with

@@ -4,8 +4,8 @@
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::core::v1::{
-    ContainerState as K8sContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
-    ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus,
+    ContainerState as K8sContainerState, ContainerStateRunning, ContainerStateTerminated,
+    ContainerStateWaiting, ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -21,18 +21,46 @@ pub enum Slot {
 /// A container's state as the node last saw it.
 #[derive(Debug, Clone)]
 pub enum ContainerState {
-    Waiting { reason: String, message: Option<String> },
-    Running { pid: Option<u32>, started: Timestamp },
-    Terminated { exit_code: i32, reason: String, message: Option<String>, started: Option<Timestamp>, finished: Timestamp, pid: Option<u32> },
+    Waiting {
+        reason: String,
+        message: Option<String>,
+    },
+    Running {
+        pid: Option<u32>,
+        started: Timestamp,
+    },
+    Terminated {
+        exit_code: i32,
+        reason: String,
+        message: Option<String>,
+        started: Option<Timestamp>,
+        finished: Timestamp,
+        pid: Option<u32>,
+    },
 }
 
 impl ContainerState {
     pub fn running(pid: Option<u32>) -> Self {
-        Self::Running { pid, started: Timestamp::now() }
+        Self::Running {
+            pid,
+            started: Timestamp::now(),
+        }
     }
 
-    pub fn terminated(exit_code: i32, reason: &str, message: Option<String>, started: Option<Timestamp>) -> Self {
-        Self::Terminated { exit_code, reason: reason.to_owned(), message, started, finished: Timestamp::now(), pid: None }
+    pub fn terminated(
+        exit_code: i32,
+        reason: &str,
+        message: Option<String>,
+        started: Option<Timestamp>,
+    ) -> Self {
+        Self::Terminated {
+            exit_code,
+            reason: reason.to_owned(),
+            message,
+            started,
+            finished: Timestamp::now(),
+            pid: None,
+        }
     }
 }
 
@@ -49,7 +77,10 @@ impl ContainerView {
         let (state, container_id, started) = match &self.state {
             ContainerState::Waiting { reason, message } => (
                 K8sContainerState {
-                    waiting: Some(ContainerStateWaiting { reason: Some(reason.clone()), message: message.clone() }),
+                    waiting: Some(ContainerStateWaiting {
+                        reason: Some(reason.clone()),
+                        message: message.clone(),
+                    }),
                     ..K8sContainerState::default()
                 },
                 None,
@@ -57,13 +88,22 @@ impl ContainerView {
             ),
             ContainerState::Running { pid, started } => (
                 K8sContainerState {
-                    running: Some(ContainerStateRunning { started_at: Some(Time(*started)) }),
+                    running: Some(ContainerStateRunning {
+                        started_at: Some(Time(*started)),
+                    }),
                     ..K8sContainerState::default()
                 },
                 pid.map(|p| format!("schemagate://{p}")),
                 true,
             ),
-            ContainerState::Terminated { exit_code, reason, message, started, finished, pid } => (
+            ContainerState::Terminated {
+                exit_code,
+                reason,
+                message,
+                started,
+                finished,
+                pid,
+            } => (
                 K8sContainerState {
                     terminated: Some(ContainerStateTerminated {
                         exit_code: *exit_code,
@@ -135,14 +175,20 @@ pub struct PodRun {
     conditions: Conditions,
 }
 
-fn views(containers: Option<&Vec<k8s_openapi::api::core::v1::Container>>, reason: &str) -> Vec<ContainerView> {
+fn views(
+    containers: Option<&Vec<k8s_openapi::api::core::v1::Container>>,
+    reason: &str,
+) -> Vec<ContainerView> {
     containers
         .into_iter()
         .flatten()
         .map(|c| ContainerView {
             name: c.name.clone(),
             image: c.image.clone().unwrap_or_default(),
-            state: ContainerState::Waiting { reason: reason.to_owned(), message: None },
+            state: ContainerState::Waiting {
+                reason: reason.to_owned(),
+                message: None,
+            },
             ready: false,
         })
         .collect()
@@ -151,7 +197,10 @@ fn views(containers: Option<&Vec<k8s_openapi::api::core::v1::Container>>, reason
 impl PodRun {
     pub fn new(api: Api<Pod>, pod: &Pod, ip: Option<Ipv4Addr>) -> Self {
         let spec = pod.spec.as_ref();
-        let init = views(spec.and_then(|s| s.init_containers.as_ref()), "PodInitializing");
+        let init = views(
+            spec.and_then(|s| s.init_containers.as_ref()),
+            "PodInitializing",
+        );
         let main = views(spec.map(|s| &s.containers), "ContainerCreating");
         let mut conditions = Conditions::default();
         conditions.set("PodScheduled", true, None);
@@ -186,9 +235,24 @@ impl PodRun {
         if let Some(view) = self.view_mut(slot) {
             // Keep the process id of a running container in its terminated state.
             let state = match (&view.state, state) {
-                (ContainerState::Running { pid, .. }, ContainerState::Terminated { exit_code, reason, message, started, finished, .. }) => {
-                    ContainerState::Terminated { exit_code, reason, message, started, finished, pid: *pid }
-                }
+                (
+                    ContainerState::Running { pid, .. },
+                    ContainerState::Terminated {
+                        exit_code,
+                        reason,
+                        message,
+                        started,
+                        finished,
+                        ..
+                    },
+                ) => ContainerState::Terminated {
+                    exit_code,
+                    reason,
+                    message,
+                    started,
+                    finished,
+                    pid: *pid,
+                },
                 (_, state) => state,
             };
             view.state = state;
@@ -214,11 +278,16 @@ impl PodRun {
     }
 
     pub fn init_succeeded(&self, index: usize) -> bool {
-        matches!(self.init.get(index).map(|v| &v.state), Some(ContainerState::Terminated { exit_code: 0, .. }))
+        matches!(
+            self.init.get(index).map(|v| &v.state),
+            Some(ContainerState::Terminated { exit_code: 0, .. })
+        )
     }
 
     pub fn all_main_succeeded(&self) -> bool {
-        self.main.iter().all(|v| matches!(v.state, ContainerState::Terminated { exit_code: 0, .. }))
+        self.main
+            .iter()
+            .all(|v| matches!(v.state, ContainerState::Terminated { exit_code: 0, .. }))
     }
 
     pub fn set_initialized(&mut self) {
@@ -259,7 +328,12 @@ impl PodRun {
     /// fails, as a Job needs to see it.
     pub fn fail_to_configure(&mut self, message: &str) {
         for view in self.init.iter_mut().chain(self.main.iter_mut()) {
-            view.state = ContainerState::terminated(1, "CreateContainerConfigError", Some(message.to_owned()), None);
+            view.state = ContainerState::terminated(
+                1,
+                "CreateContainerConfigError",
+                Some(message.to_owned()),
+                None,
+            );
             view.ready = false;
         }
         self.phase = "Failed";
@@ -269,16 +343,32 @@ impl PodRun {
         let running = self.phase == "Running";
         let terminal = matches!(self.phase, "Succeeded" | "Failed");
         let ready = running && !self.main.is_empty() && self.main.iter().all(|v| v.ready);
-        let not_ready_reason = if terminal { Some("PodCompleted") } else { Some("ContainersNotReady") };
-        self.conditions.set("PodReadyToStartContainers", !terminal, None);
-        self.conditions.set("Initialized", self.initialized, (!self.initialized).then_some("ContainersNotInitialized"));
-        self.conditions.set("ContainersReady", ready, if ready { None } else { not_ready_reason });
-        self.conditions.set("Ready", ready, if ready { None } else { not_ready_reason });
+        let not_ready_reason = if terminal {
+            Some("PodCompleted")
+        } else {
+            Some("ContainersNotReady")
+        };
+        self.conditions
+            .set("PodReadyToStartContainers", !terminal, None);
+        self.conditions.set(
+            "Initialized",
+            self.initialized,
+            (!self.initialized).then_some("ContainersNotInitialized"),
+        );
+        self.conditions.set(
+            "ContainersReady",
+            ready,
+            if ready { None } else { not_ready_reason },
+        );
+        self.conditions
+            .set("Ready", ready, if ready { None } else { not_ready_reason });
         let ip = self.ip.map(|ip| ip.to_string());
         PodStatus {
             phase: Some(self.phase.to_owned()),
             host_ip: Some("127.0.0.1".to_owned()),
-            host_ips: Some(vec![HostIP { ip: "127.0.0.1".to_owned() }]),
+            host_ips: Some(vec![HostIP {
+                ip: "127.0.0.1".to_owned(),
+            }]),
             pod_ip: ip.clone(),
             pod_ips: ip.map(|ip| vec![PodIP { ip }]),
             start_time: Some(Time(self.start_time)),
@@ -294,7 +384,11 @@ impl PodRun {
     pub async fn write(&mut self) {
         let status = self.status();
         let patch = serde_json::json!({ "status": status });
-        match self.api.patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        match self
+            .api
+            .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(e) => tracing::warn!(pod = %self.name, error = %e, "writing pod status failed"),
@@ -304,7 +398,11 @@ impl PodRun {
     /// Writes only a phase with a reason and message (pods the node never ran).
     pub async fn write_phase(&self, phase: &str, reason: Option<&str>, message: Option<&str>) {
         let patch = serde_json::json!({ "status": { "phase": phase, "reason": reason, "message": message } });
-        match self.api.patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        match self
+            .api
+            .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(e) => tracing::warn!(pod = %self.name, error = %e, "writing pod status failed"),

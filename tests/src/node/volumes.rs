@@ -33,7 +33,12 @@ pub async fn materialize(
     dir: &Path,
 ) -> Result<HashMap<String, PathBuf>, ConfigError> {
     let mut paths = HashMap::new();
-    let volumes = ctx.pod.spec.as_ref().and_then(|s| s.volumes.clone()).unwrap_or_default();
+    let volumes = ctx
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default();
     for volume in volumes {
         if let Some(host_path) = &volume.host_path {
             paths.insert(volume.name.clone(), PathBuf::from(&host_path.path));
@@ -43,19 +48,41 @@ pub async fn materialize(
         create_dir(&target)?;
         if let Some(source) = &volume.config_map {
             if let Some(data) = sources.config_map(&source.name).await?.cloned() {
-                write_items(&target, &data, source.items.as_deref(), source.default_mode, &source.name, "ConfigMap")?;
+                write_items(
+                    &target,
+                    &data,
+                    source.items.as_deref(),
+                    source.default_mode,
+                    &source.name,
+                    "ConfigMap",
+                )?;
             } else if source.optional != Some(true) {
-                return Err(ConfigError(format!("configmap {:?} not found", source.name)));
+                return Err(ConfigError(format!(
+                    "configmap {:?} not found",
+                    source.name
+                )));
             }
         } else if let Some(source) = &volume.secret {
             let name = source.secret_name.clone().unwrap_or_default();
             if let Some(data) = sources.secret(&name).await?.cloned() {
-                write_items(&target, &data, source.items.as_deref(), source.default_mode, &name, "Secret")?;
+                write_items(
+                    &target,
+                    &data,
+                    source.items.as_deref(),
+                    source.default_mode,
+                    &name,
+                    "Secret",
+                )?;
             } else if source.optional != Some(true) {
                 return Err(ConfigError(format!("secret {name:?} not found")));
             }
         } else if let Some(source) = &volume.downward_api {
-            write_downward(ctx, &target, source.items.as_deref().unwrap_or_default(), source.default_mode)?;
+            write_downward(
+                ctx,
+                &target,
+                source.items.as_deref().unwrap_or_default(),
+                source.default_mode,
+            )?;
         } else if let Some(projected) = &volume.projected {
             let mode = projected.default_mode;
             for source in projected.sources.iter().flatten() {
@@ -66,7 +93,12 @@ pub async fn materialize(
                         }
                         _ => ctx.token.to_owned(),
                     };
-                    write_file(&target, &token.path, value.as_bytes(), mode.unwrap_or(DEFAULT_MODE))?;
+                    write_file(
+                        &target,
+                        &token.path,
+                        value.as_bytes(),
+                        mode.unwrap_or(DEFAULT_MODE),
+                    )?;
                 }
                 if let Some(source) = &source.config_map {
                     let data = sources.config_map(&source.name).await?.cloned();
@@ -79,20 +111,46 @@ pub async fn materialize(
                         None => None,
                     };
                     match data {
-                        Some(data) => write_items(&target, &data, source.items.as_deref(), mode, &source.name, "ConfigMap")?,
+                        Some(data) => write_items(
+                            &target,
+                            &data,
+                            source.items.as_deref(),
+                            mode,
+                            &source.name,
+                            "ConfigMap",
+                        )?,
                         None if source.optional == Some(true) => {}
-                        None => return Err(ConfigError(format!("configmap {:?} not found", source.name))),
+                        None => {
+                            return Err(ConfigError(format!(
+                                "configmap {:?} not found",
+                                source.name
+                            )));
+                        }
                     }
                 }
                 if let Some(source) = &source.secret {
                     match sources.secret(&source.name).await?.cloned() {
-                        Some(data) => write_items(&target, &data, source.items.as_deref(), mode, &source.name, "Secret")?,
+                        Some(data) => write_items(
+                            &target,
+                            &data,
+                            source.items.as_deref(),
+                            mode,
+                            &source.name,
+                            "Secret",
+                        )?,
                         None if source.optional == Some(true) => {}
-                        None => return Err(ConfigError(format!("secret {:?} not found", source.name))),
+                        None => {
+                            return Err(ConfigError(format!("secret {:?} not found", source.name)));
+                        }
                     }
                 }
                 if let Some(source) = &source.downward_api {
-                    write_downward(ctx, &target, source.items.as_deref().unwrap_or_default(), mode)?;
+                    write_downward(
+                        ctx,
+                        &target,
+                        source.items.as_deref().unwrap_or_default(),
+                        mode,
+                    )?;
                 }
             }
         } else if volume.empty_dir.is_none() {
@@ -115,9 +173,9 @@ fn write_items(
     match items {
         Some(items) if !items.is_empty() => {
             for item in items {
-                let value = data
-                    .get(&item.key)
-                    .ok_or_else(|| ConfigError(format!("couldn't find key {} in {kind} {name}", item.key)))?;
+                let value = data.get(&item.key).ok_or_else(|| {
+                    ConfigError(format!("couldn't find key {} in {kind} {name}", item.key))
+                })?;
                 write_file(dir, &item.path, value, item.mode.unwrap_or(default_mode))?;
             }
         }
@@ -139,7 +197,12 @@ fn write_downward(
     for item in items {
         if let Some(field) = &item.field_ref {
             let value = field_value(ctx.pod, &field.field_path, ctx.pod_ip)?;
-            write_file(dir, &item.path, value.as_bytes(), item.mode.or(default_mode).unwrap_or(DEFAULT_MODE))?;
+            write_file(
+                dir,
+                &item.path,
+                value.as_bytes(),
+                item.mode.or(default_mode).unwrap_or(DEFAULT_MODE),
+            )?;
         }
     }
     Ok(())
@@ -147,8 +210,14 @@ fn write_downward(
 
 fn write_file(dir: &Path, relative: &str, contents: &[u8], mode: i32) -> Result<(), ConfigError> {
     let relative = Path::new(relative);
-    if !relative.components().all(|c| matches!(c, Component::Normal(_))) {
-        return Err(ConfigError(format!("volume path {} must be relative without `..`", relative.display())));
+    if !relative
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)))
+    {
+        return Err(ConfigError(format!(
+            "volume path {} must be relative without `..`",
+            relative.display()
+        )));
     }
     let path = dir.join(relative);
     if let Some(parent) = path.parent() {
@@ -162,10 +231,19 @@ fn write_file(dir: &Path, relative: &str, contents: &[u8], mode: i32) -> Result<
 }
 
 fn create_dir(path: &Path) -> Result<(), ConfigError> {
-    std::fs::create_dir_all(path).map_err(|e| ConfigError(format!("creating {}: {e}", path.display())))
+    std::fs::create_dir_all(path)
+        .map_err(|e| ConfigError(format!("creating {}: {e}", path.display())))
 }
 
 /// A path component from an object name.
 pub fn sanitize(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_' { c } else { '_' }).collect()
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }

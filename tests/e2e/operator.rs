@@ -1,0 +1,490 @@
+//! The operator end to end: real control plane, real PostgreSQL, real Alembic.
+
+use crate::support::*;
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use schemagate_crds::{DatabaseMigration, Phase};
+use schemagate_e2e::harness::{namespace, wait_for};
+use std::time::Duration;
+
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn migration_yaml(image: &str, command: &str, revision: &str) -> String {
+    format!(
+        r#"
+apiVersion: schemagate.dev/v1alpha1
+kind: DatabaseMigration
+metadata: {{ name: app-db }}
+spec:
+  database:
+    engine: postgres
+    urlSecretRef: {{ name: app-db-url, key: url }}
+    tracking: {{ tool: alembic }}
+  migrator:
+    image: {image}
+    command: {command}
+  revision: "{revision}"
+"#
+    )
+}
+
+async fn jobs(api: &Api<Job>) -> Vec<Job> {
+    api.list(&ListParams::default())
+        .await
+        .expect("listing jobs")
+        .items
+}
+
+#[tokio::test]
+async fn alembic_migration_ends_ready_with_the_revision_from_the_database() {
+    let ns = namespace("alembic-ready").await;
+    prepare(ns.cluster()).await;
+    let url = create_postgres_database(ns.cluster(), "pw-ready-4711").await;
+    url_secret(&ns, "app-db-url", "url", &url).await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: false }).await;
+
+    apply_migration(
+        &ns,
+        &migration_yaml(APP_V2, r#"["alembic", "upgrade", "head"]"#, "0002"),
+    )
+    .await;
+    let migrations: Api<DatabaseMigration> = ns.api();
+    let ready = wait_for(
+        &migrations,
+        "app-db",
+        MIGRATION_TIMEOUT,
+        "Ready and the attempt recorded",
+        |m| {
+            has_condition(m, "Ready", "True", "RevisionApplied")
+                && m.status.as_ref().is_some_and(|s| !s.history.is_empty())
+        },
+    )
+    .await;
+
+    let status = ready.status.clone().unwrap();
+    assert_eq!(status.applied_revision.as_deref(), Some("0002"));
+    assert_eq!(alembic_version(&url).await.as_deref(), Some("0002"));
+    assert_eq!(status.phase, Some(Phase::Succeeded));
+    let columns = columns(&url, "documents").await;
+    assert!(
+        columns.contains(&"uploaded_by_user_id".to_string()),
+        "{columns:?}"
+    );
+    assert!(columns.contains(&"upload_notes".to_string()), "{columns:?}");
+    let all_jobs = jobs(&ns.api()).await;
+    assert_eq!(all_jobs.len(), 1, "exactly one migration Job");
+    assert_eq!(status.history[0].result, "Succeeded");
+    assert_eq!(
+        status.history[0].job.as_deref(),
+        all_jobs[0].metadata.name.as_deref()
+    );
+    assert_eq!(
+        condition(&ready, "Ready").unwrap().observed_generation,
+        ready.metadata.generation
+    );
+    let events = events_for(&ns, "app-db").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("JobCreated")),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("MigrationSucceeded")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn already_migrated_database_is_ready_without_a_job() {
+    let ns = namespace("already-migrated").await;
+    prepare(ns.cluster()).await;
+    let url = create_postgres_database(ns.cluster(), "pw-adopt-4711").await;
+    alembic(&url, &["upgrade", "head"]).await;
+    url_secret(&ns, "app-db-url", "url", &url).await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: false }).await;
+
+    apply_migration(
+        &ns,
+        &migration_yaml(APP_V2, r#"["alembic", "upgrade", "head"]"#, "0002"),
+    )
+    .await;
+    let ready = wait_for(
+        &ns.api::<DatabaseMigration>(),
+        "app-db",
+        MIGRATION_TIMEOUT,
+        "Ready",
+        |m| has_condition(m, "Ready", "True", "RevisionApplied"),
+    )
+    .await;
+    assert_eq!(ready.status.as_ref().unwrap().history[0].result, "Adopted");
+    assert!(
+        jobs(&ns.api()).await.is_empty(),
+        "no Job for an already migrated database"
+    );
+}
+
+#[tokio::test]
+async fn failing_migration_fails_readably_and_waits_for_a_retry() {
+    let ns = namespace("failing-migration").await;
+    prepare(ns.cluster()).await;
+    let url = create_postgres_database(ns.cluster(), "pw-broken-4711").await;
+    url_secret(&ns, "app-db-url", "url", &url).await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: false }).await;
+
+    apply_migration(
+        &ns,
+        &migration_yaml(BROKEN_V2, r#"["alembic", "upgrade", "head"]"#, "0002"),
+    )
+    .await;
+    let migrations: Api<DatabaseMigration> = ns.api();
+    let failed = wait_for(&migrations, "app-db", MIGRATION_TIMEOUT, "Failed", |m| {
+        has_condition(m, "Failed", "True", "MigrationFailed")
+    })
+    .await;
+    let message = &condition(&failed, "Failed").unwrap().message;
+    assert!(message.contains("failed"), "{message}");
+    assert!(
+        message.contains(r#"type "integr" does not exist"#),
+        "the database's error reaches the status: {message}"
+    );
+    assert!(
+        message.contains("schemagate.dev/retry"),
+        "the message says what to do: {message}"
+    );
+    assert!(
+        !message.contains("pw-broken-4711"),
+        "password leaked: {message}"
+    );
+    assert_eq!(failed.status.as_ref().unwrap().phase, Some(Phase::Failed));
+    let events = events_for(&ns, "app-db").await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("MigrationFailed")
+                && e.type_.as_deref() == Some("Warning"))
+    );
+
+    // Another reconcile (any change to the object) starts no second Job.
+    migrations
+        .patch(
+            "app-db",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {"touched": "yes"}}})),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        &migrations,
+        "app-db",
+        MIGRATION_TIMEOUT,
+        "reconciled after the touch",
+        |m| {
+            m.status
+                .as_ref()
+                .is_some_and(|s| s.phase == Some(Phase::Failed))
+                && m.metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key("touched"))
+        },
+    )
+    .await;
+    assert_eq!(
+        jobs(&ns.api()).await.len(),
+        1,
+        "no second Job until a retry"
+    );
+
+    // The retry annotation starts a new attempt.
+    migrations
+        .patch(
+            "app-db",
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"metadata": {"annotations": {"schemagate.dev/retry": "1"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let job_api: Api<Job> = ns.api();
+    let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        if jobs(&job_api).await.len() == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the retry started no new Job"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn migrator_that_exits_zero_without_migrating_fails_naming_both_revisions() {
+    let ns = namespace("exit-zero").await;
+    prepare(ns.cluster()).await;
+    let url = create_postgres_database(ns.cluster(), "pw-exit-4711").await;
+    url_secret(&ns, "app-db-url", "url", &url).await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: false }).await;
+
+    // The migrator stops at 0001 and exits 0: its exit code alone would say "done".
+    apply_migration(
+        &ns,
+        &migration_yaml(APP_V2, r#"["alembic", "upgrade", "0001"]"#, "0002"),
+    )
+    .await;
+    let failed = wait_for(
+        &ns.api::<DatabaseMigration>(),
+        "app-db",
+        MIGRATION_TIMEOUT,
+        "RevisionNotApplied",
+        |m| has_condition(m, "Failed", "True", "RevisionNotApplied"),
+    )
+    .await;
+    let message = &condition(&failed, "Failed").unwrap().message;
+    assert!(message.contains("revision 0001"), "{message}");
+    assert!(message.contains("revision 0002"), "{message}");
+    assert_eq!(
+        failed.status.unwrap().applied_revision.as_deref(),
+        Some("0001")
+    );
+}
+
+#[tokio::test]
+async fn operator_restarted_while_the_job_runs_keeps_exactly_one_job() {
+    let ns = namespace("restart").await;
+    prepare(ns.cluster()).await;
+    let url = create_postgres_database(ns.cluster(), "pw-restart-4711").await;
+    url_secret(&ns, "app-db-url", "url", &url).await;
+    let operator = Operator::start(&ns, OperatorOptions { webhook: false }).await;
+
+    apply_migration(
+        &ns,
+        &migration_yaml(
+            APP_V2,
+            r#"["sh", "-c", "sleep 4 && alembic upgrade head"]"#,
+            "0002",
+        ),
+    )
+    .await;
+    let migrations: Api<DatabaseMigration> = ns.api();
+    wait_for(&migrations, "app-db", MIGRATION_TIMEOUT, "Running", |m| {
+        m.status
+            .as_ref()
+            .is_some_and(|s| s.phase == Some(Phase::Running))
+    })
+    .await;
+    operator.stop().await;
+    let _second = Operator::start(&ns, OperatorOptions { webhook: false }).await;
+    wait_for(&migrations, "app-db", MIGRATION_TIMEOUT, "Ready", |m| {
+        has_condition(m, "Ready", "True", "RevisionApplied")
+    })
+    .await;
+    assert_eq!(
+        jobs(&ns.api()).await.len(),
+        1,
+        "a restart must not start a second Job"
+    );
+    assert_eq!(alembic_version(&url).await.as_deref(), Some("0002"));
+}
+
+/// Each bad input ends in a condition and a Warning Event that say what is wrong, the
+/// operator keeps running, and fixing the input makes it Ready.
+#[tokio::test]
+async fn bad_input_gets_a_clear_condition_and_event() {
+    let ns = namespace("bad-input").await;
+    prepare(ns.cluster()).await;
+    let password = "pw-Secret-Leak-8841";
+    let url = create_postgres_database(ns.cluster(), password).await;
+    alembic(&url, &["upgrade", "head"]).await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: false }).await;
+    let migrations: Api<DatabaseMigration> = ns.api();
+    apply_migration(
+        &ns,
+        &migration_yaml(APP_V2, r#"["alembic", "upgrade", "head"]"#, "0002"),
+    )
+    .await;
+
+    let wrong_password = url.replace(password, "not-the-password");
+    let unreachable = format!("postgres://nobody:{password}@127.0.0.1:1/app");
+    let cases: Vec<(&str, Option<(&str, String)>, &str, &str)> = vec![
+        ("missing Secret", None, "SecretNotFound", "app-db-url"),
+        (
+            "missing key",
+            Some(("other", url.clone())),
+            "SecretKeyMissing",
+            "url",
+        ),
+        (
+            "malformed URL",
+            Some(("url", format!("not a url {password}"))),
+            "DatabaseUrlInvalid",
+            "URL",
+        ),
+        (
+            "unreachable host",
+            Some(("url", unreachable)),
+            "DatabaseUnreachable",
+            "127.0.0.1:1",
+        ),
+        (
+            "wrong password",
+            Some(("url", wrong_password)),
+            "DatabaseAuthenticationFailed",
+            "db_",
+        ),
+    ];
+    for (case, secret, reason, mentions) in cases {
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = ns.api();
+        let _ = secrets.delete("app-db-url", &Default::default()).await;
+        if let Some((key, value)) = &secret {
+            url_secret(&ns, "app-db-url", key, value).await;
+        }
+        // A change to the resource asks for a reconcile now rather than after the backoff.
+        migrations
+            .patch(
+                "app-db",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"metadata": {"labels": {"case": reason}}})),
+            )
+            .await
+            .unwrap();
+        let seen = wait_for(
+            &migrations,
+            "app-db",
+            Duration::from_secs(60),
+            reason,
+            |m| condition(m, "Ready").is_some_and(|c| c.status == "False" && c.reason == reason),
+        )
+        .await;
+        let message = &condition(&seen, "Ready").unwrap().message;
+        assert!(message.contains(mentions), "{case}: {message}");
+        assert!(
+            !message.contains(password),
+            "{case}: password leaked: {message}"
+        );
+        let events = events_for(&ns, "app-db").await;
+        assert!(
+            events
+                .iter()
+                .any(|e| e.type_.as_deref() == Some("Warning")
+                    && e.reason.as_deref() == Some(reason)),
+            "{case}: no Warning Event {reason}"
+        );
+    }
+
+    // A custom query that errors.
+    let mut with_query: DatabaseMigration = serde_yaml::from_str(&migration_yaml(
+        APP_V2,
+        r#"["alembic", "upgrade", "head"]"#,
+        "0002",
+    ))
+    .unwrap();
+    with_query.spec.database.tracking.tool = None;
+    with_query.spec.database.tracking.query = Some("SELECT version FROM no_such_table".into());
+    url_secret(&ns, "app-db-url", "url", &url).await;
+    migrations
+        .patch(
+            "app-db",
+            &PatchParams::apply("schemagate-e2e").force(),
+            &Patch::Apply(&with_query),
+        )
+        .await
+        .unwrap();
+    let seen = wait_for(
+        &migrations,
+        "app-db",
+        Duration::from_secs(60),
+        "query error",
+        |m| {
+            condition(m, "Ready")
+                .is_some_and(|c| c.status == "False" && c.reason == "RevisionQueryFailed")
+        },
+    )
+    .await;
+    assert!(
+        condition(&seen, "Ready")
+            .unwrap()
+            .message
+            .contains("no_such_table")
+    );
+
+    // An unknown tool is refused by the API server with the allowed values.
+    let mut unknown = serde_json::to_value(&with_query).unwrap();
+    unknown["spec"]["database"]["tracking"] = serde_json::json!({"tool": "liquibase-classic"});
+    let refused = migrations
+        .patch(
+            "app-db",
+            &PatchParams::apply("schemagate-e2e").force(),
+            &Patch::Apply(&unknown),
+        )
+        .await
+        .expect_err("unknown tool refused");
+    assert!(refused.to_string().contains("alembic"), "{refused}");
+
+    // Fixed: Ready again, so the operator survived every case.
+    let mut fixed = with_query.clone();
+    fixed.spec.database.tracking.query = None;
+    fixed.spec.database.tracking.tool = Some(schemagate_crds::TrackingTool::Alembic);
+    migrations
+        .patch(
+            "app-db",
+            &PatchParams::apply("schemagate-e2e").force(),
+            &Patch::Apply(&fixed),
+        )
+        .await
+        .unwrap();
+    let ready = wait_for(
+        &migrations,
+        "app-db",
+        Duration::from_secs(60),
+        "Ready after the fix",
+        |m| has_condition(m, "Ready", "True", "RevisionApplied"),
+    )
+    .await;
+    assert!(jobs(&ns.api()).await.is_empty());
+
+    // The password appears nowhere: status, Events, Jobs, operator log.
+    let status = serde_json::to_string(&ready.status).unwrap();
+    assert!(!status.contains(password));
+    let events = serde_json::to_string(&events_for(&ns, "app-db").await).unwrap();
+    assert!(!events.contains(password), "password in Events");
+    let log = String::from_utf8_lossy(&operator_log().lock().unwrap()).to_string();
+    assert!(!log.contains(password), "password in the operator log");
+}
+
+#[tokio::test]
+async fn password_never_reaches_the_job_spec() {
+    let ns = namespace("no-leak-job").await;
+    prepare(ns.cluster()).await;
+    let password = "pw-Job-Leak-5521";
+    let url = create_postgres_database(ns.cluster(), password).await;
+    url_secret(&ns, "app-db-url", "url", &url).await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: false }).await;
+    apply_migration(
+        &ns,
+        &migration_yaml(APP_V2, r#"["alembic", "upgrade", "head"]"#, "0002"),
+    )
+    .await;
+    let ready = wait_for(
+        &ns.api::<DatabaseMigration>(),
+        "app-db",
+        MIGRATION_TIMEOUT,
+        "Ready",
+        |m| has_condition(m, "Ready", "True", "RevisionApplied"),
+    )
+    .await;
+    let job_json = serde_json::to_string(&jobs(&ns.api()).await).unwrap();
+    assert!(!job_json.contains(password), "password in the Job");
+    assert!(
+        job_json.contains("secretKeyRef"),
+        "the URL comes from the Secret"
+    );
+    assert!(!serde_json::to_string(&ready).unwrap().contains(password));
+    let log = String::from_utf8_lossy(&operator_log().lock().unwrap()).to_string();
+    assert!(!log.contains(password), "password in the operator log");
+}

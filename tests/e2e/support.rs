@@ -1,0 +1,441 @@
+//! What the operator and gate tests share: the CRD installed, an operator started in the
+//! test's own runtime and scoped to its namespace, throw-away databases, the example images.
+
+use k8s_openapi::api::admissionregistration::v1::{
+    MatchCondition, MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations,
+    WebhookClientConfig,
+};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
+use kube::runtime::{conditions, wait::await_condition};
+use kube::{CustomResourceExt, ResourceExt};
+use schemagate::certs::CertNames;
+use schemagate::controller::ControllerConfig;
+use schemagate::run::{CertificateSource, RunConfig, WebhookSettings};
+use schemagate_crds::DatabaseMigration;
+use schemagate_e2e::harness::{TestCluster, TestNamespace};
+use sqlx::Connection;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// The app image of the incident: its directory holds the Alembic project and server.py.
+pub const APP_V1: &str = "registry.example/admin-dashboard:v1";
+pub const APP_V2: &str = "registry.example/admin-dashboard:v2";
+/// An image whose migration 0002 runs invalid SQL.
+pub const BROKEN_V2: &str = "registry.example/admin-dashboard:v2-broken";
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn app_dir() -> PathBuf {
+    repo_root().join("examples/incident/app")
+}
+
+/// Installs the CRD (server-side apply: any test may call it, at once) and the example
+/// images, and waits until the CRD is established.
+pub async fn prepare(cluster: &TestCluster) {
+    let crds: Api<CustomResourceDefinition> = Api::all(cluster.client());
+    let crd = DatabaseMigration::crd();
+    crds.patch(
+        &crd.name_any(),
+        &PatchParams::apply("schemagate-e2e").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("installing the CRD");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(crds, &crd.name_any(), conditions::is_crd_established()),
+    )
+    .await
+    .expect("CRD established in time")
+    .expect("watching the CRD");
+    for image in [APP_V1, APP_V2] {
+        cluster.register_image(image, &app_dir(), None, None).await;
+    }
+    cluster
+        .register_image(
+            BROKEN_V2,
+            &repo_root().join("examples/incident/broken-migration"),
+            None,
+            None,
+        )
+        .await;
+}
+
+/// Everything the operator logs in this test binary, to prove what it never logs.
+pub fn operator_log() -> Arc<Mutex<Vec<u8>>> {
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = LogWriter(buffer.clone());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info,schemagate=debug"))
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .try_init();
+        buffer
+    })
+    .clone()
+}
+
+#[derive(Clone)]
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut log) = self.0.lock() {
+            log.extend_from_slice(bytes);
+        }
+        let _ = std::io::stderr().write_all(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An operator running in the test's runtime, watching only the test's namespace.
+pub struct Operator {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    webhook_config: Option<String>,
+    client: kube::Client,
+}
+
+pub struct OperatorOptions {
+    pub webhook: bool,
+}
+
+impl Operator {
+    pub async fn start(namespace: &TestNamespace, options: OperatorOptions) -> Operator {
+        operator_log();
+        let cluster = namespace.cluster();
+        let client = cluster.client();
+        let ns = namespace.name().to_string();
+        let mut webhook = None;
+        let mut webhook_config = None;
+        if options.webhook {
+            let port = schemagate_e2e::cluster::free_port().expect("a free port");
+            let name = format!("schemagate-{ns}");
+            install_webhook_config(&client, &name, &ns, port).await;
+            webhook = Some(WebhookSettings {
+                addr: format!("127.0.0.1:{port}").parse().expect("address"),
+                certificate: CertificateSource::Managed {
+                    namespace: ns.clone(),
+                    secret: "schemagate-webhook-tls".into(),
+                    names: CertNames::for_service(
+                        "schemagate",
+                        &ns,
+                        vec!["127.0.0.1".parse().expect("ip")],
+                    ),
+                },
+                config_name: Some(name.clone()),
+            });
+            webhook_config = Some(name);
+        }
+        let config = RunConfig {
+            controller: ControllerConfig {
+                namespace: Some(ns),
+                concurrency: 4,
+            },
+            metrics_addr: None,
+            webhook,
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let run_client = client.clone();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            if let Err(error) = schemagate::run::run(run_client, config, shutdown).await {
+                panic!("operator failed: {error}");
+            }
+        });
+        let operator = Operator {
+            stop: Some(stop),
+            task: Some(task),
+            webhook_config,
+            client,
+        };
+        if let Some(name) = &operator.webhook_config {
+            operator.await_ca_bundle(name).await;
+        }
+        operator
+    }
+
+    /// Waits until the operator has patched its CA bundle into the configuration and the
+    /// webhook answers.
+    async fn await_ca_bundle(&self, name: &str) {
+        let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(
+                api,
+                name,
+                |config: Option<&MutatingWebhookConfiguration>| {
+                    config.is_some_and(|c| {
+                        c.webhooks.iter().flatten().all(|w| {
+                            w.client_config
+                                .ca_bundle
+                                .as_ref()
+                                .is_some_and(|b| !b.0.is_empty())
+                        })
+                    })
+                },
+            ),
+        )
+        .await
+        .expect("CA bundle patched in time")
+        .expect("watching the webhook configuration");
+    }
+
+    /// Stops the operator and waits until it has stopped.
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+        }
+        if let Some(name) = self.webhook_config.take() {
+            let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+            let _ = api.delete(&name, &DeleteParams::default()).await;
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        if let Some(name) = self.webhook_config.take() {
+            let client = self.client.clone();
+            // Best effort: a leftover configuration only matches its own namespace.
+            let _ = std::thread::spawn(move || {
+                if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    runtime.block_on(async move {
+                        let api: Api<MutatingWebhookConfiguration> = Api::all(client);
+                        let _ = api.delete(&name, &DeleteParams::default()).await;
+                    });
+                }
+            })
+            .join();
+        }
+    }
+}
+
+/// A webhook configuration like the chart's, reaching the in-process operator by URL and
+/// scoped to one namespace.
+async fn install_webhook_config(client: &kube::Client, name: &str, namespace: &str, port: u16) {
+    let config = MutatingWebhookConfiguration {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            ..Default::default()
+        },
+        webhooks: Some(vec![MutatingWebhook {
+            name: "deployments.schemagate.dev".into(),
+            admission_review_versions: vec!["v1".into()],
+            side_effects: "None".into(),
+            failure_policy: Some("Fail".into()),
+            timeout_seconds: Some(5),
+            client_config: WebhookClientConfig {
+                url: Some(format!("https://127.0.0.1:{port}/mutate-deployments")),
+                ..Default::default()
+            },
+            rules: Some(vec![RuleWithOperations {
+                api_groups: Some(vec!["apps".into()]),
+                api_versions: Some(vec!["v1".into()]),
+                resources: Some(vec!["deployments".into()]),
+                operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
+                scope: Some("Namespaced".into()),
+            }]),
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some([("kubernetes.io/metadata.name".to_string(), namespace.to_string())].into()),
+                ..Default::default()
+            }),
+            object_selector: Some(LabelSelector {
+                match_expressions: Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                    key: schemagate_crds::MIGRATION_LABEL.into(),
+                    operator: "Exists".into(),
+                    values: None,
+                }]),
+                ..Default::default()
+            }),
+            match_conditions: Some(vec![MatchCondition {
+                name: "opted-in".into(),
+                expression: "has(object.metadata.labels) && 'schemagate.dev/migration' in object.metadata.labels".into(),
+            }]),
+            ..Default::default()
+        }]),
+    };
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply("schemagate-e2e").force(),
+            &Patch::Apply(&config),
+        )
+        .await
+        .expect("installing the webhook configuration");
+}
+
+/// A new PostgreSQL database with its own user; returns its URL.
+pub async fn create_postgres_database(cluster: &TestCluster, password: &str) -> String {
+    let name = format!(
+        "db_{}",
+        (0..10).map(|_| fastrand::lowercase()).collect::<String>()
+    );
+    let mut admin = sqlx::PgConnection::connect(&cluster.postgres)
+        .await
+        .expect("admin connection");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE USER {name} PASSWORD '{password}'"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("create user");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {name} OWNER {name}"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("create database");
+    let port = cluster
+        .postgres
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .expect("admin URL has a port")
+        .to_string();
+    format!("postgres://{name}:{password}@127.0.0.1:{port}/{name}")
+}
+
+/// Creates (or replaces) the Secret holding the database URL.
+pub async fn url_secret(namespace: &TestNamespace, name: &str, key: &str, url: &str) {
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            ..Default::default()
+        },
+        string_data: Some([(key.to_string(), url.to_string())].into()),
+        ..Default::default()
+    };
+    namespace
+        .api::<Secret>()
+        .patch(
+            name,
+            &PatchParams::apply("schemagate-e2e").force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .expect("writing the URL Secret");
+}
+
+/// Runs `alembic` in the example project against `url`, as a person would by hand.
+pub async fn alembic(url: &str, args: &[&str]) {
+    let output = tokio::process::Command::new("alembic")
+        .args(args)
+        .current_dir(app_dir())
+        .env("DATABASE_URL", url)
+        .output()
+        .await
+        .expect("running alembic");
+    assert!(
+        output.status.success(),
+        "alembic {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The revision Alembic recorded.
+pub async fn alembic_version(url: &str) -> Option<String> {
+    let mut connection = sqlx::PgConnection::connect(url).await.expect("connecting");
+    let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass('alembic_version')::text")
+        .fetch_one(&mut connection)
+        .await
+        .expect("checking alembic_version");
+    exists?;
+    sqlx::query_scalar("SELECT version_num FROM alembic_version")
+        .fetch_optional(&mut connection)
+        .await
+        .expect("reading alembic_version")
+}
+
+/// The columns of a table.
+pub async fn columns(url: &str, table: &str) -> Vec<String> {
+    let mut connection = sqlx::PgConnection::connect(url).await.expect("connecting");
+    sqlx::query_scalar("SELECT column_name::text FROM information_schema.columns WHERE table_name = $1 ORDER BY ordinal_position")
+        .bind(table)
+        .fetch_all(&mut connection)
+        .await
+        .expect("reading columns")
+}
+
+/// A DatabaseMigration from YAML, in the namespace.
+pub async fn apply_migration(namespace: &TestNamespace, yaml: &str) -> DatabaseMigration {
+    let migration: DatabaseMigration = serde_yaml::from_str(yaml).expect("DatabaseMigration YAML");
+    namespace
+        .api::<DatabaseMigration>()
+        .patch(
+            &migration.name_any(),
+            &PatchParams::apply("schemagate-e2e").force(),
+            &Patch::Apply(&migration),
+        )
+        .await
+        .expect("applying the DatabaseMigration")
+}
+
+/// The condition of that type, if set.
+pub fn condition<'a>(
+    migration: &'a DatabaseMigration,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    migration
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+/// Whether condition `type_` has `status` with `reason`.
+pub fn has_condition(
+    migration: &DatabaseMigration,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> bool {
+    condition(migration, type_).is_some_and(|c| c.status == status && c.reason == reason)
+}
+
+/// Events about an object, newest last.
+pub async fn events_for(
+    namespace: &TestNamespace,
+    name: &str,
+) -> Vec<k8s_openapi::api::events::v1::Event> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = namespace.api();
+    let mut events: Vec<_> = api
+        .list(&Default::default())
+        .await
+        .expect("listing events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect();
+    events.sort_by_key(|e| e.metadata.creation_timestamp.clone());
+    events
+}
