@@ -43,3 +43,47 @@ demo: controlplane
 prerequisites:
 	.ci/install-prerequisites.sh
 
+
+# ---- Local cluster (tests/src/cluster.rs; owner: control plane / test node) -------------
+## cluster: start the local control plane, test node and databases in the background;
+## prints the kubeconfig path. Environment for scripts: target/cluster/cluster.env.
+## cluster-down: stop exactly that cluster (its supervisor stops everything it started).
+CLUSTER_DIR := target/cluster
+CLUSTER_BIN := $(or $(CARGO_TARGET_DIR),target)/debug/schemagate-cluster
+CLUSTER_START_TIMEOUT ?= 2400
+
+.PHONY: cluster cluster-down
+cluster:
+	$(CARGO) build -q -p schemagate-e2e --bin schemagate-cluster
+	@mkdir -p $(CLUSTER_DIR)
+	@if [ -f $(CLUSTER_DIR)/pid ] && kill -0 "$$(cat $(CLUSTER_DIR)/pid)" 2>/dev/null; then \
+	  echo "cluster: already running (pid $$(cat $(CLUSTER_DIR)/pid))" >&2; \
+	else \
+	  rm -f $(CLUSTER_DIR)/ready; \
+	  nohup $(CLUSTER_BIN) up --dir $(CLUSTER_DIR) </dev/null >$(CLUSTER_DIR)/cluster.log 2>&1 & \
+	  echo $$! > $(CLUSTER_DIR)/pid; \
+	fi
+	@pid=$$(cat $(CLUSTER_DIR)/pid); deadline=$$(( $$(date +%s) + $(CLUSTER_START_TIMEOUT) )); \
+	until [ -f $(CLUSTER_DIR)/ready ]; do \
+	  if ! kill -0 $$pid 2>/dev/null; then \
+	    echo "cluster: schemagate-cluster exited; end of $(CLUSTER_DIR)/cluster.log:" >&2; \
+	    tail -n 60 $(CLUSTER_DIR)/cluster.log >&2; rm -f $(CLUSTER_DIR)/pid; exit 1; \
+	  fi; \
+	  if [ $$(date +%s) -ge $$deadline ]; then \
+	    echo "cluster: not ready after $(CLUSTER_START_TIMEOUT)s; see $(CLUSTER_DIR)/cluster.log" >&2; exit 1; \
+	  fi; \
+	  sleep 0.5; \
+	done
+	@echo $(CLUSTER_DIR)/kubeconfig
+
+cluster-down:
+	@if [ ! -f $(CLUSTER_DIR)/pid ]; then echo "cluster: not running"; exit 0; fi; \
+	pid=$$(cat $(CLUSTER_DIR)/pid); \
+	if kill -TERM $$pid 2>/dev/null; then \
+	  deadline=$$(( $$(date +%s) + 60 )); \
+	  while kill -0 $$pid 2>/dev/null; do \
+	    if [ $$(date +%s) -ge $$deadline ]; then echo "cluster: pid $$pid ignored SIGTERM; killing" >&2; kill -KILL $$pid; fi; \
+	    sleep 0.2; \
+	  done; \
+	fi; \
+	rm -f $(CLUSTER_DIR)/pid; echo "cluster: stopped"

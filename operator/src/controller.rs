@@ -200,6 +200,20 @@ async fn gate_deployment(deployment: &Deployment, ctx: &Context) -> Result<Actio
     };
     let change = gate::decide(deployment, requirement.as_ref(), &verdict);
     let Some(patch) = gate::merge_patch(deployment, &change) else {
+        if let (Verdict::Held { reason, message }, true) = (&verdict, gate::held_by_schemagate(deployment)) {
+            // Held already, by the webhook at admission or earlier: say why, with what the
+            // database reports now. Identical Events are counted as one series.
+            let event = Event {
+                type_: EventType::Normal,
+                reason: "RolloutHeld".to_string(),
+                note: Some(format!("rollout paused by schemagate ({reason}): {message}")),
+                action: "Hold".to_string(),
+                secondary: None,
+            };
+            if let Err(error) = ctx.recorder.publish(&event, &deployment.object_ref(&())).await {
+                warn!(%error, "cannot publish Event");
+            }
+        }
         return Ok(Action::await_change());
     };
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);

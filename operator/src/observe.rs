@@ -15,7 +15,8 @@ use schemagate_crds::{DatabaseMigration, HELD_FOR_ANNOTATION, MIGRATION_LABEL};
 use std::time::Duration;
 
 /// Longest a probe may take before it counts as unreachable.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Above the probe's own 15 s cap, so that its more specific error wins.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How much of a migrator's termination message is kept.
 const MESSAGE_TAIL: usize = 700;
 

@@ -45,6 +45,9 @@ pub struct AppliedRevisions {
 
 /// Why the applied revisions could not be read. Messages name what is wrong and what to
 /// do, and never contain the database URL or its password.
+///
+/// The driver's message travels as scrubbed text (`detail`), not as a `#[source]`
+/// sqlx error: sqlx errors can echo parts of the URL, and reporters walk `source()` chains.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     /// The URL in the Secret is malformed, of an unknown scheme, or for the other engine.
@@ -130,12 +133,6 @@ impl ProbeError {
             Self::Query { .. } => "RevisionQueryFailed",
             Self::Dirty { .. } => "MigrationDirty",
         }
-    }
-
-    /// Whether trying again later may succeed without anyone changing anything
-    /// (the database is down or slow), as opposed to a configuration or schema problem.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Connect { .. } | Self::Query { .. })
     }
 }
 
@@ -237,13 +234,13 @@ pub async fn probe_revisions(
     };
     let result = match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
         Ok(result) => result,
-        Err(_) => Err(ProbeError::Query {
-            source_name: describe_source(&source),
-            detail: format!(
+        Err(_) => Err(query_failed(
+            &source,
+            format!(
                 "the database did not answer within {}s",
                 PROBE_TIMEOUT.as_secs()
             ),
-        }),
+        )),
     };
     // Messages are built without the URL; this is the belt to those braces.
     result.map_err(|error| scrub_error(error, url))
@@ -259,17 +256,33 @@ fn engine_name(engine: Engine) -> &'static str {
 fn describe_source(source: &RevisionSource) -> String {
     match source {
         RevisionSource::Tool { tool, table } => {
-            let table = match table {
+            let tool = tools::tool_name(*tool);
+            match table {
                 Some(tools::TableName {
                     schema: Some(schema),
                     name,
-                }) => format!("{schema}.{name}"),
-                Some(tools::TableName { schema: None, name }) => name.clone(),
-                None => "table".to_string(),
-            };
-            format!("the {} {table}", tools::tool_name(*tool))
+                }) => format!("the {tool} table {schema}.{name}"),
+                Some(tools::TableName { schema: None, name }) => {
+                    format!("the {tool} table {name}")
+                }
+                None => format!("the {tool} version table"),
+            }
         }
         RevisionSource::Query(_) => "tracking.query".to_string(),
+    }
+}
+
+/// A failed read of `source`, with a hint for custom queries.
+fn query_failed(source: &RevisionSource, detail: String) -> ProbeError {
+    let detail = match source {
+        RevisionSource::Query(_) => {
+            format!("{detail}; fix tracking.query (it runs read-only, as the Secret's user)")
+        }
+        RevisionSource::Tool { .. } => detail,
+    };
+    ProbeError::Query {
+        source_name: describe_source(source),
+        detail,
     }
 }
 

@@ -136,17 +136,12 @@ pub async fn run(
         tokio::spawn(rotate_certificate(client.clone(), settings.clone(), tls.clone(), cert, stopped()));
         let router = webhook::router(ctx.clone());
         let addr = settings.addr;
-        let listener_check = tokio::net::TcpListener::bind(addr)
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| RunError::Listen { addr, source })?;
-        drop(listener_check);
         let stop = stopped();
-        let store = ctx.migrations.clone();
         tokio::spawn(async move {
-            // Decisions need the DatabaseMigrations; until they are listed, the API server's
-            // failure policy applies.
-            let _ = store.wait_until_ready().await;
-            if let Err(error) = webhook::serve(addr, tls, router, stop).await {
+            if let Err(error) = webhook::serve(listener, tls, router, stop).await {
                 warn!(%error, "webhook server stopped");
             }
         });

@@ -15,7 +15,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::runtime::reflector::ObjectRef;
-use std::net::SocketAddr;
+use std::time::Duration;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 use tokio::net::TcpListener;
@@ -23,6 +23,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// How long a request waits for the DatabaseMigrations to be listed after a start.
+const STORE_WAIT: Duration = Duration::from_secs(3);
 
 /// Path the webhook configuration points at.
 pub const PATH: &str = "/mutate-deployments";
@@ -61,6 +64,14 @@ async fn mutate(
             return Json(AdmissionResponse::invalid(format!("not an AdmissionReview: {error}")).into_review());
         }
     };
+    // Right after a start the DatabaseMigrations may not be listed yet: wait a moment,
+    // then refuse rather than admit a Deployment unchecked.
+    if tokio::time::timeout(STORE_WAIT, ctx.migrations.wait_until_ready()).await.is_err() {
+        let response = AdmissionResponse::from(&request).deny(
+            "schemagate is starting and has not read the DatabaseMigrations yet; retry in a few seconds",
+        );
+        return Json(response.into_review());
+    }
     let response = admit(&ctx, &request);
     ctx.metrics
         .admission_duration
@@ -129,13 +140,12 @@ pub fn admit(ctx: &Context, request: &AdmissionRequest<Deployment>) -> Admission
 
 /// Serves the webhook over TLS until `shutdown`.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: TcpListener,
     tls: TlsConfig,
     router: Router,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "webhook listening");
+    tracing::info!(addr = %listener.local_addr()?, "webhook listening");
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {

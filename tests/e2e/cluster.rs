@@ -3,6 +3,9 @@
 //! Secrets, volumes and termination messages, RBAC is enforced, Services reach process
 //! pods, and a control plane that cannot start fails loudly.
 
+// Helpers outside `#[test]` functions are test code too: a failed step fails the test.
+#![allow(clippy::expect_used, clippy::panic)]
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 

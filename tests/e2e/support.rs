@@ -108,6 +108,7 @@ pub struct Operator {
     task: Option<tokio::task::JoinHandle<()>>,
     webhook_config: Option<String>,
     client: kube::Client,
+    cluster: &'static TestCluster,
 }
 
 pub struct OperatorOptions {
@@ -118,7 +119,8 @@ impl Operator {
     pub async fn start(namespace: &TestNamespace, options: OperatorOptions) -> Operator {
         operator_log();
         let cluster = namespace.cluster();
-        let client = cluster.client();
+        prepare(cluster).await;
+        let client = operator_client(namespace).await;
         let ns = namespace.name().to_string();
         let mut webhook = None;
         let mut webhook_config = None;
@@ -164,10 +166,12 @@ impl Operator {
             task: Some(task),
             webhook_config,
             client,
+            cluster,
         };
         if let Some(name) = &operator.webhook_config {
             operator.await_ca_bundle(name).await;
         }
+        operator.await_ready(namespace).await;
         operator
     }
 
@@ -197,6 +201,30 @@ impl Operator {
         .expect("watching the webhook configuration");
     }
 
+    /// Waits until the operator has listed the namespace's DatabaseMigrations: a dry-run
+    /// create of an opted-in Deployment passes the webhook only then.
+    async fn await_ready(&self, namespace: &TestNamespace) {
+        if self.webhook_config.is_none() {
+            return;
+        }
+        let probe: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "readiness-probe", "labels": {"schemagate.dev/migration": "none"}},
+            "spec": {"selector": {"matchLabels": {"app": "probe"}}, "template": {"metadata": {"labels": {"app": "probe"}}, "spec": {"containers": [{"name": "c", "image": "none"}]}}}
+        }))
+        .expect("probe Deployment");
+        let api: Api<k8s_openapi::api::apps::v1::Deployment> = namespace.api();
+        let params = kube::api::PostParams { dry_run: true, ..Default::default() };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match api.create(&params, &probe).await {
+                Ok(_) => return,
+                Err(error) if tokio::time::Instant::now() > deadline => panic!("webhook not serving: {error}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
     /// Stops the operator and waits until it has stopped.
     pub async fn stop(mut self) {
         self.shutdown().await;
@@ -222,7 +250,9 @@ impl Drop for Operator {
             task.abort();
         }
         if let Some(name) = self.webhook_config.take() {
-            let client = self.client.clone();
+            // A client of its own: the test's runtime, which the operator's client is bound
+            // to, is blocked in this drop.
+            let cluster = self.cluster;
             // Best effort: a leftover configuration only matches its own namespace.
             let _ = std::thread::spawn(move || {
                 if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
@@ -230,7 +260,7 @@ impl Drop for Operator {
                     .build()
                 {
                     runtime.block_on(async move {
-                        let api: Api<MutatingWebhookConfiguration> = Api::all(client);
+                        let api: Api<MutatingWebhookConfiguration> = Api::all(cluster.client());
                         let _ = api.delete(&name, &DeleteParams::default()).await;
                     });
                 }
@@ -238,6 +268,44 @@ impl Drop for Operator {
             .join();
         }
     }
+}
+
+/// A client for a ServiceAccount of the operator's own, as in a real installation: the
+/// webhook tells the operator's changes from everyone else's by the user name.
+async fn operator_client(namespace: &TestNamespace) -> kube::Client {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
+    let admin = namespace.cluster().client();
+    let ns = namespace.name();
+    let params = PatchParams::apply("schemagate-e2e").force();
+    let account = ServiceAccount {
+        metadata: ObjectMeta { name: Some("schemagate".into()), ..Default::default() },
+        ..Default::default()
+    };
+    namespace.api::<ServiceAccount>().patch("schemagate", &params, &Patch::Apply(&account)).await.expect("operator ServiceAccount");
+    let binding = ClusterRoleBinding {
+        metadata: ObjectMeta { name: Some(format!("schemagate-{ns}")), ..Default::default() },
+        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "ClusterRole".into(), name: "cluster-admin".into() },
+        subjects: Some(vec![Subject { kind: "ServiceAccount".into(), name: "schemagate".into(), namespace: Some(ns.to_string()), ..Default::default() }]),
+    };
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .patch(&format!("schemagate-{ns}"), &params, &Patch::Apply(&binding))
+        .await
+        .expect("operator ClusterRoleBinding");
+    let request = TokenRequest {
+        spec: TokenRequestSpec { audiences: vec![], expiration_seconds: Some(3600), ..Default::default() },
+        ..Default::default()
+    };
+    let token = namespace
+        .api::<ServiceAccount>()
+        .create_token_request("schemagate", &Default::default(), &request)
+        .await
+        .expect("operator token")
+        .status
+        .expect("token status")
+        .token;
+    namespace.cluster().client_with_token(&token)
 }
 
 /// A webhook configuration like the chart's, reaching the in-process operator by URL and
@@ -438,4 +506,70 @@ pub async fn events_for(
         .collect();
     events.sort_by_key(|e| e.metadata.creation_timestamp.clone());
     events
+}
+
+/// Server-side applies every document of a manifest file of the examples into the
+/// namespace (Deployments, Services, Secrets, DatabaseMigrations), in file order.
+pub async fn apply_manifest(namespace: &TestNamespace, relative: &str) {
+    let path = repo_root().join(relative);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    apply_yaml(namespace, &text).await;
+}
+
+/// Server-side applies each document of `text` into the namespace.
+pub async fn apply_yaml(namespace: &TestNamespace, text: &str) {
+    use serde::Deserialize;
+    let params = PatchParams::apply("schemagate-e2e").force();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let value = serde_json::Value::deserialize(document).expect("YAML document");
+        if value.is_null() {
+            continue;
+        }
+        let kind = value["kind"].as_str().unwrap_or_default().to_string();
+        let name = value["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let result = match kind.as_str() {
+            "Deployment" => namespace
+                .api::<k8s_openapi::api::apps::v1::Deployment>()
+                .patch(&name, &params, &Patch::Apply(&value))
+                .await
+                .map(|_| ()),
+            "Service" => namespace
+                .api::<k8s_openapi::api::core::v1::Service>()
+                .patch(&name, &params, &Patch::Apply(&value))
+                .await
+                .map(|_| ()),
+            "Secret" => namespace
+                .api::<Secret>()
+                .patch(&name, &params, &Patch::Apply(&value))
+                .await
+                .map(|_| ()),
+            "DatabaseMigration" => namespace
+                .api::<DatabaseMigration>()
+                .patch(&name, &params, &Patch::Apply(&value))
+                .await
+                .map(|_| ()),
+            other => panic!("apply_yaml: no API for kind {other}"),
+        };
+        result.unwrap_or_else(|e| panic!("applying {kind} {name}: {e}"));
+    }
+}
+
+/// The path of the `schemagate` binary next to this test binary (built by `cargo test
+/// --workspace` for the operator crate's own integration tests, or `make e2e`).
+pub fn schemagate_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("schemagate"))
+        .expect("target directory");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p schemagate` first",
+        bin.display()
+    );
+    bin
 }

@@ -55,6 +55,7 @@ const CONTROLLERS: &[&str] = &[
 ];
 
 const STOP_GRACE: Duration = Duration::from_secs(5);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const LOG_TAIL_LINES: usize = 40;
 
 /// How to start a [`Cluster`].
@@ -413,7 +414,8 @@ impl Cluster {
                     ));
                 }
             }
-            if ready().await {
+            // A probe must not hang on a port someone else holds: bound each attempt.
+            if matches!(tokio::time::timeout(PROBE_TIMEOUT, ready()).await, Ok(true)) {
                 tracing::info!(component = component.name, elapsed = ?started.elapsed(), "ready");
                 return Ok(());
             }

@@ -124,8 +124,14 @@ impl DatabaseServer {
             if as_root {
                 // setpriv execs: runuser would fork and relay signals as SIGTERM.
                 command.extend(
-                    ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
-                        .map(String::from),
+                    [
+                        "setpriv",
+                        "--reuid=postgres",
+                        "--regid=postgres",
+                        "--init-groups",
+                        "--",
+                    ]
+                    .map(String::from),
                 );
             }
             command.push(postgres.display().to_string());
@@ -251,7 +257,10 @@ impl DatabaseServer {
                         .with_context(|| format!("creating PostgreSQL database {name}"))?;
                 }
                 conn.close().await?;
-                Ok(format!("postgres://{name}:{password}@127.0.0.1:{}/{name}", self.port))
+                Ok(format!(
+                    "postgres://{name}:{password}@127.0.0.1:{}/{name}",
+                    self.port
+                ))
             }
             Flavor::Mariadb => {
                 let mut conn = sqlx::MySqlConnection::connect(&self.admin_url()).await?;
@@ -266,7 +275,10 @@ impl DatabaseServer {
                         .with_context(|| format!("creating MariaDB database {name}"))?;
                 }
                 conn.close().await?;
-                Ok(format!("mysql://{name}:{password}@127.0.0.1:{}/{name}", self.port))
+                Ok(format!(
+                    "mysql://{name}:{password}@127.0.0.1:{}/{name}",
+                    self.port
+                ))
             }
         }
     }
@@ -283,7 +295,9 @@ impl DatabaseServer {
         if let Some(mut supervisor) = self.supervisor.take() {
             if wait_with_timeout(&mut supervisor, STOP_TIMEOUT).is_none() {
                 if let Some(pid) = read_pid(&self.dir.join("server.pid")) {
-                    let _ = Command::new("kill").args(["-s", "KILL", "--", &pid]).status();
+                    let _ = Command::new("kill")
+                        .args(["-s", "KILL", "--", &pid])
+                        .status();
                 }
                 if wait_with_timeout(&mut supervisor, STOP_TIMEOUT).is_none() {
                     let _ = supervisor.kill();
@@ -339,7 +353,9 @@ async fn init_postgres(
     }
     let mut initdb = if as_root {
         let mut command = Command::new("runuser");
-        command.args(["-u", "postgres", "--"]).arg(bindir.join("initdb"));
+        command
+            .args(["-u", "postgres", "--"])
+            .arg(bindir.join("initdb"));
         command
     } else {
         Command::new(bindir.join("initdb"))
@@ -347,7 +363,14 @@ async fn init_postgres(
     initdb
         .arg("-D")
         .arg(&data)
-        .args(["-U", "postgres", "-E", "UTF8", "--no-sync", "--no-instructions"])
+        .args([
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--no-instructions",
+        ])
         .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
         .arg(format!("--pwfile={}", password_file.display()));
     let result = run(initdb).await;
@@ -434,10 +457,8 @@ async fn wait_until_ready(server: &mut DatabaseServer) -> anyhow::Result<()> {
                 bail!("the server exited ({status}) before accepting connections");
             }
         }
-        let attempt = tokio::time::timeout(
-            Duration::from_secs(2),
-            connect_admin(server.flavor, &url),
-        );
+        let attempt =
+            tokio::time::timeout(Duration::from_secs(2), connect_admin(server.flavor, &url));
         let last_error = match attempt.await {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(error)) => error.to_string(),
@@ -544,7 +565,12 @@ fn find_program(names: &[&str]) -> anyhow::Result<PathBuf> {
             return Ok(path);
         }
         // Server daemons live in sbin or libexec, often outside a user's PATH.
-        for dir in ["/usr/sbin", "/usr/libexec", "/usr/local/sbin", "/usr/local/libexec"] {
+        for dir in [
+            "/usr/sbin",
+            "/usr/libexec",
+            "/usr/local/sbin",
+            "/usr/local/libexec",
+        ] {
             let path = Path::new(dir).join(name);
             if path.is_file() {
                 return Ok(path);

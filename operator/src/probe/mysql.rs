@@ -8,7 +8,7 @@ use sqlx::{AssertSqlSafe, Connection, Row};
 use super::tools::{self, Dialect, TableName};
 use super::{
     AppliedRevisions, CONNECT_TIMEOUT, DatabaseUrl, ProbeError, RevisionSource, STATEMENT_TIMEOUT,
-    describe_source,
+    query_failed,
 };
 
 /// Finds a table in the given schema or the URL's database. The comparison follows the
@@ -169,10 +169,10 @@ fn first_column_text(row: &MySqlRow) -> Result<Option<String>, ProbeError> {
         return Ok(number.map(|n| n.to_string()));
     }
     // VARBINARY and BLOB columns holding text.
-    if let Ok(bytes) = row.try_get::<Option<Vec<u8>>, _>(0) {
-        if let Some(text) = bytes.map(String::from_utf8).transpose().ok() {
-            return Ok(text);
-        }
+    if let Ok(bytes) = row.try_get::<Option<Vec<u8>>, _>(0)
+        && let Ok(text) = bytes.map(String::from_utf8).transpose()
+    {
+        return Ok(text);
     }
     let type_name = row
         .columns()
@@ -273,10 +273,7 @@ fn query_error(error: sqlx::Error, source: &RevisionSource, endpoint: &str) -> P
             } else {
                 server_message(&error)
             };
-            ProbeError::Query {
-                source_name: describe_source(source),
-                detail,
-            }
+            query_failed(source, detail)
         }
     }
 }

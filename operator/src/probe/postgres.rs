@@ -8,7 +8,7 @@ use sqlx::{AssertSqlSafe, Connection, Row};
 use super::tools::{self, Dialect, TableName};
 use super::{
     AppliedRevisions, CONNECT_TIMEOUT, DatabaseUrl, ProbeError, RevisionSource, STATEMENT_TIMEOUT,
-    describe_source,
+    query_failed,
 };
 
 /// Finds a table by name along the search path (or in the given schema), preferring an
@@ -251,10 +251,7 @@ fn query_error(error: sqlx::Error, source: &RevisionSource, endpoint: &str) -> P
             } else {
                 server_message(&error)
             };
-            ProbeError::Query {
-                source_name: describe_source(source),
-                detail,
-            }
+            query_failed(source, detail)
         }
     }
 }

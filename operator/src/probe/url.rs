@@ -41,7 +41,9 @@ impl DatabaseUrl {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
         if !is_scheme_word {
-            return Err(invalid("its scheme is not a word such as postgres or mysql"));
+            return Err(invalid(
+                "its scheme is not a word such as postgres or mysql",
+            ));
         }
         // SQLAlchemy names the Python driver after a `+`; sqlx has its own drivers.
         let dialect = scheme.split('+').next().unwrap_or_default();
@@ -92,12 +94,12 @@ impl DatabaseUrl {
         } else {
             host_port.rsplit_once(':').map(|(_, port)| port)
         };
-        if let Some(port) = port.filter(|p| !p.is_empty()) {
-            if !matches!(port.parse::<u16>(), Ok(1..)) {
-                return Err(invalid(&format!(
-                    "its port is not a number from 1 to 65535; {ENCODING_HINT}"
-                )));
-            }
+        if let Some(port) = port.filter(|p| !p.is_empty())
+            && !matches!(port.parse::<u16>(), Ok(1..))
+        {
+            return Err(invalid(&format!(
+                "its port is not a number from 1 to 65535; {ENCODING_HINT}"
+            )));
         }
 
         let path = tail.split(['?', '#']).next().unwrap_or_default();

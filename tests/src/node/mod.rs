@@ -334,7 +334,14 @@ async fn pod_lifecycle(ctx: Arc<NodeContext>, pod: Pod, mut stop: watch::Receive
         return;
     }
 
-    let ip = match ctx.addresses.allocate().await {
+    // Host-network pods share the node's address (the API server requires podIP = hostIP).
+    let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+    let allocated = if host_network {
+        Ok(Ipv4Addr::LOCALHOST)
+    } else {
+        ctx.addresses.allocate().await
+    };
+    let ip = match allocated {
         Ok(ip) => ip,
         Err(e) => {
             tracing::warn!(pod = %key, error = %format!("{e:#}"), "no pod address");

@@ -1,0 +1,457 @@
+//! The rollout gate end to end: the incident replayed on a real control plane with real
+//! PostgreSQL and real Alembic. New code never runs against an old schema, and the old
+//! version keeps serving meanwhile.
+
+use crate::support::*;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::watcher::{self, Event};
+use schemagate_crds::{DatabaseMigration, HELD_FOR_ANNOTATION, REVISION_ANNOTATION};
+use schemagate_e2e::harness::{TestNamespace, deployment_available, namespace, wait_for};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+const DEPLOYMENT: &str = "admin-dashboard";
+
+/// What a watch on the namespace's pods saw while a release went on.
+#[derive(Debug, Default)]
+pub struct Timeline {
+    /// What `alembic_version` held when the first pod of the new revision appeared.
+    pub revision_at_first_new_pod: Option<Option<String>>,
+    /// New-revision pods seen before the database held that revision.
+    pub early_pods: usize,
+    /// The fewest Ready old-revision pods at any moment before the first new pod.
+    pub min_old_ready_before_new: Option<usize>,
+}
+
+/// Watches pods until told to stop: every pod of `new_revision` is checked against the
+/// database at the moment it is first seen.
+pub fn watch_release(
+    namespace: &TestNamespace,
+    url: String,
+    old_revision: &str,
+    new_revision: &str,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<Timeline>) {
+    let pods: Api<Pod> = namespace.api();
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    let old_revision = old_revision.to_string();
+    let new_revision = new_revision.to_string();
+    let task = tokio::spawn(async move {
+        let mut timeline = Timeline::default();
+        let mut seen_new: std::collections::HashSet<String> = Default::default();
+        let mut old_ready: BTreeMap<String, bool> = BTreeMap::new();
+        // Counted only once the initial list is complete: during it, pods arrive one by one.
+        let mut listed = false;
+        let stream = watcher::watcher(pods, watcher::Config::default());
+        futures::pin_mut!(stream);
+        loop {
+            let event = tokio::select! {
+                event = stream.next() => event,
+                _ = &mut stopped => break,
+            };
+            let Some(Ok(event)) = event else { continue };
+            let pods = match event {
+                Event::Apply(pod) | Event::InitApply(pod) => vec![(pod, false)],
+                Event::Delete(pod) => vec![(pod, true)],
+                Event::InitDone => {
+                    listed = true;
+                    if seen_new.is_empty() {
+                        timeline.min_old_ready_before_new = Some(old_ready.values().filter(|r| **r).count());
+                    }
+                    vec![]
+                }
+                Event::Init => vec![],
+            };
+            // Only the application's pods: migration Job pods carry the revision too.
+            let pods = pods.into_iter().filter(|(pod, _)| {
+                pod.labels().get("app.kubernetes.io/name").map(String::as_str) == Some(DEPLOYMENT)
+            });
+            for (pod, deleted) in pods {
+                let revision = pod.annotations().get(REVISION_ANNOTATION).cloned();
+                if revision.as_deref() == Some(new_revision.as_str())
+                    && !seen_new.contains(&pod.name_any())
+                {
+                    seen_new.insert(pod.name_any());
+                    let in_database = alembic_version(&url).await;
+                    if timeline.revision_at_first_new_pod.is_none() {
+                        timeline.revision_at_first_new_pod = Some(in_database.clone());
+                    }
+                    if in_database.as_deref() != Some(new_revision.as_str()) {
+                        timeline.early_pods += 1;
+                    }
+                } else if revision.as_deref() == Some(old_revision.as_str()) {
+                    let ready = !deleted
+                        && pod.metadata.deletion_timestamp.is_none()
+                        && pod
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_some_and(|c| {
+                                c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                            });
+                    old_ready.insert(pod.name_any(), ready);
+                    if seen_new.is_empty() && listed {
+                        let count = old_ready.values().filter(|r| **r).count();
+                        timeline.min_old_ready_before_new = Some(
+                            timeline
+                                .min_old_ready_before_new
+                                .map_or(count, |m| m.min(count)),
+                        );
+                    }
+                }
+            }
+        }
+        timeline
+    });
+    (stop, task)
+}
+
+/// v1 serving: its migration to 0001 applied and two Ready pods.
+async fn v1_serving(ns: &TestNamespace) -> String {
+    prepare(ns.cluster()).await;
+    let url = create_postgres_database(ns.cluster(), "pw-gate-1234").await;
+    url_secret(ns, "app-db-url", "url", &url).await;
+    apply_manifest(ns, "examples/incident/manifests/migration-v1.yaml").await;
+    wait_for(&ns.api::<DatabaseMigration>(), "app-db", TIMEOUT, "Ready at 0001", |m| {
+        has_condition(m, "Ready", "True", "RevisionApplied")
+    })
+    .await;
+    apply_manifest(ns, "examples/incident/manifests/app-v1.yaml").await;
+    deployment_available(&ns.api(), DEPLOYMENT, TIMEOUT).await;
+    assert_eq!(alembic_version(&url).await.as_deref(), Some("0001"));
+    url
+}
+
+fn held_for(deployment: &Deployment) -> Option<&String> {
+    deployment.annotations().get(HELD_FOR_ANNOTATION)
+}
+
+async fn replica_sets_of_revision(ns: &TestNamespace, revision: &str) -> usize {
+    let api: Api<ReplicaSet> = ns.api();
+    api.list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|rs| {
+            rs.spec
+                .as_ref()
+                .and_then(|s| s.template.as_ref())
+                .and_then(|t| t.metadata.as_ref())
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get(REVISION_ANNOTATION))
+                .map(String::as_str)
+                == Some(revision)
+        })
+        .count()
+}
+
+/// Applies v2 and its migration together, watches the release, and returns what was seen.
+async fn release_v2(ns: &TestNamespace, url: &str) -> Timeline {
+    let (stop, watch) = watch_release(ns, url.to_string(), "0001", "0002");
+    apply_manifest(ns, "examples/incident/manifests/release-v2.yaml").await;
+    deployment_available(&ns.api(), DEPLOYMENT, TIMEOUT).await;
+    let _ = stop.send(());
+    watch.await.unwrap()
+}
+
+#[tokio::test]
+async fn the_incident_replayed_v2_waits_for_its_columns() {
+    let ns = namespace("incident").await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: true }).await;
+    let url = v1_serving(&ns).await;
+
+    let timeline = release_v2(&ns, &url).await;
+    assert_eq!(
+        timeline.early_pods, 0,
+        "v2 pods before alembic_version held 0002: {timeline:?}"
+    );
+    assert_eq!(
+        timeline.revision_at_first_new_pod,
+        Some(Some("0002".to_string())),
+        "{timeline:?}"
+    );
+    assert_eq!(
+        timeline.min_old_ready_before_new,
+        Some(2),
+        "v1 kept serving with 2 Ready pods: {timeline:?}"
+    );
+    assert_eq!(alembic_version(&url).await.as_deref(), Some("0002"));
+    let columns = columns(&url, "documents").await;
+    assert!(columns.contains(&"upload_notes".to_string()));
+
+    let deployment: Deployment = ns.api().get(DEPLOYMENT).await.unwrap();
+    assert!(held_for(&deployment).is_none(), "released: marker removed");
+    assert_ne!(deployment.spec.unwrap().paused, Some(true));
+    let events = events_for(&ns, DEPLOYMENT).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("RolloutReleased")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn deployment_first_and_migration_later_is_held_then_released() {
+    let ns = namespace("deployment-first").await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: true }).await;
+    let url = v1_serving(&ns).await;
+    let (stop, watch) = watch_release(&ns, url.clone(), "0001", "0002");
+
+    apply_manifest(&ns, "examples/incident/manifests/app-v2.yaml").await;
+    let deployments: Api<Deployment> = ns.api();
+    let held = wait_for(&deployments, DEPLOYMENT, TIMEOUT, "held for 0002", |d| {
+        held_for(d).map(String::as_str) == Some("0002")
+    })
+    .await;
+    assert_eq!(held.spec.as_ref().unwrap().paused, Some(true));
+    // The DatabaseMigration still names 0001: the rollout waits for a migration to 0002.
+    wait_for(
+        &ns.api::<DatabaseMigration>(),
+        "app-db",
+        TIMEOUT,
+        "lists the held Deployment",
+        |m| {
+            m.status
+                .as_ref()
+                .is_some_and(|s| s.held_deployments == [DEPLOYMENT])
+        },
+    )
+    .await;
+    assert_eq!(
+        replica_sets_of_revision(&ns, "0002").await,
+        0,
+        "no ReplicaSet of v2 while held"
+    );
+
+    apply_manifest(&ns, "examples/incident/manifests/migration.yaml").await;
+    deployment_available(&deployments, DEPLOYMENT, TIMEOUT).await;
+    let _ = stop.send(());
+    let timeline = watch.await.unwrap();
+    assert_eq!(timeline.early_pods, 0, "{timeline:?}");
+    assert_eq!(timeline.min_old_ready_before_new, Some(2), "{timeline:?}");
+}
+
+#[tokio::test]
+async fn migration_first_and_deployment_later_is_never_held() {
+    let ns = namespace("migration-first").await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: true }).await;
+    let url = v1_serving(&ns).await;
+    apply_manifest(&ns, "examples/incident/manifests/migration.yaml").await;
+    wait_for(
+        &ns.api::<DatabaseMigration>(),
+        "app-db",
+        TIMEOUT,
+        "Ready at 0002",
+        |m| {
+            has_condition(m, "Ready", "True", "RevisionApplied")
+                && condition(m, "Ready").unwrap().observed_generation == m.metadata.generation
+        },
+    )
+    .await;
+    let (stop, watch) = watch_release(&ns, url.clone(), "0001", "0002");
+    apply_manifest(&ns, "examples/incident/manifests/app-v2.yaml").await;
+    deployment_available(&ns.api(), DEPLOYMENT, TIMEOUT).await;
+    let _ = stop.send(());
+    let timeline = watch.await.unwrap();
+    assert_eq!(timeline.early_pods, 0, "{timeline:?}");
+    let events = events_for(&ns, DEPLOYMENT).await;
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("RolloutHeld")),
+        "never held: {events:?}"
+    );
+}
+
+#[tokio::test]
+async fn failed_migration_keeps_v2_held_and_v1_serving_until_fixed() {
+    let ns = namespace("gate-failure").await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: true }).await;
+    let url = v1_serving(&ns).await;
+    let (stop, watch) = watch_release(&ns, url.clone(), "0001", "0002");
+
+    apply_manifest(&ns, "examples/incident/manifests/app-v2.yaml").await;
+    apply_manifest(&ns, "examples/incident/manifests/migration-broken.yaml").await;
+    let migrations: Api<DatabaseMigration> = ns.api();
+    wait_for(&migrations, "app-db", TIMEOUT, "Failed", |m| {
+        has_condition(m, "Failed", "True", "MigrationFailed")
+    })
+    .await;
+    let deployments: Api<Deployment> = ns.api();
+    let held = deployments.get(DEPLOYMENT).await.unwrap();
+    assert_eq!(held_for(&held).map(String::as_str), Some("0002"));
+    assert_eq!(held.spec.as_ref().unwrap().paused, Some(true));
+    assert_eq!(
+        held.status.as_ref().unwrap().ready_replicas,
+        Some(2),
+        "v1 keeps serving"
+    );
+    let events = events_for(&ns, DEPLOYMENT).await;
+    let held_event = events
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("RolloutHeld"))
+        .unwrap_or_else(|| panic!("no RolloutHeld Event: {events:?}"));
+    assert!(
+        held_event
+            .note
+            .as_deref()
+            .unwrap_or_default()
+            .contains("0002"),
+        "{held_event:?}"
+    );
+
+    // Fixing the migration (the good image) releases the rollout.
+    apply_manifest(&ns, "examples/incident/manifests/migration.yaml").await;
+    deployment_available(&deployments, DEPLOYMENT, TIMEOUT).await;
+    let _ = stop.send(());
+    let timeline = watch.await.unwrap();
+    assert_eq!(timeline.early_pods, 0, "{timeline:?}");
+    assert_eq!(timeline.min_old_ready_before_new, Some(2), "{timeline:?}");
+    assert_eq!(alembic_version(&url).await.as_deref(), Some("0002"));
+}
+
+#[tokio::test]
+async fn a_persons_pause_survives_the_release() {
+    let ns = namespace("persons-pause").await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: true }).await;
+    let url = v1_serving(&ns).await;
+    let _ = url;
+    // A person pauses the Deployment, then changes it to v2: schemagate must not take that
+    // pause for its own.
+    let deployments: Api<Deployment> = ns.api();
+    deployments
+        .patch(
+            DEPLOYMENT,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"paused": true}})),
+        )
+        .await
+        .unwrap();
+    apply_manifest(&ns, "examples/incident/manifests/app-v2.yaml").await;
+    // A second Deployment that schemagate itself holds, to see the release happen.
+    let other =
+        std::fs::read_to_string(repo_root().join("examples/incident/manifests/app-v2.yaml"))
+            .unwrap()
+            .replace(
+                "name: admin-dashboard\n  labels",
+                "name: admin-dashboard-canary\n  labels",
+            )
+            .split("\n---")
+            .next()
+            .unwrap()
+            .to_string();
+    apply_yaml(&ns, &other).await;
+    wait_for(
+        &deployments,
+        "admin-dashboard-canary",
+        TIMEOUT,
+        "held",
+        |d| held_for(d).is_some(),
+    )
+    .await;
+
+    apply_manifest(&ns, "examples/incident/manifests/migration.yaml").await;
+    deployment_available(&deployments, "admin-dashboard-canary", TIMEOUT).await;
+    let paused = deployments.get(DEPLOYMENT).await.unwrap();
+    assert_eq!(
+        paused.spec.as_ref().unwrap().paused,
+        Some(true),
+        "the person's pause stays"
+    );
+    assert!(held_for(&paused).is_none());
+}
+
+#[tokio::test]
+async fn check_exits_1_while_held_and_0_after() {
+    let ns = namespace("check").await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: true }).await;
+    v1_serving(&ns).await;
+    let check = || {
+        let kubeconfig = ns.cluster().kubeconfig_path().to_path_buf();
+        let name = ns.name().to_string();
+        async move {
+            tokio::process::Command::new(schemagate_bin())
+                .args(["check", "-n", &name])
+                .env("KUBECONFIG", kubeconfig)
+                .output()
+                .await
+                .expect("running schemagate check")
+        }
+    };
+    let before = check().await;
+    assert_eq!(
+        before.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&before.stdout)
+    );
+
+    apply_manifest(&ns, "examples/incident/manifests/app-v2.yaml").await;
+    wait_for(&ns.api::<Deployment>(), DEPLOYMENT, TIMEOUT, "held", |d| {
+        held_for(d).is_some()
+    })
+    .await;
+    let held = check().await;
+    let table = String::from_utf8_lossy(&held.stdout).to_string();
+    assert_eq!(held.status.code(), Some(1), "{table}");
+    assert!(
+        table.contains("Pending") && table.contains("0002") && table.contains(DEPLOYMENT),
+        "{table}"
+    );
+
+    apply_manifest(&ns, "examples/incident/manifests/migration.yaml").await;
+    deployment_available(&ns.api(), DEPLOYMENT, TIMEOUT).await;
+    let after = check().await;
+    assert_eq!(
+        after.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&after.stdout)
+    );
+}
+
+#[tokio::test]
+async fn backstop_holds_without_the_webhook() {
+    let ns = namespace("backstop").await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: false }).await;
+    let url = v1_serving(&ns).await;
+    let timeline = release_v2(&ns, &url).await;
+    // Without the webhook the Deployment controller may create the v2 ReplicaSet before the
+    // backstop pauses it; the figure is reported by the gate benchmark. What must hold: v2
+    // ends rolled out on the migrated schema and the hold was released.
+    eprintln!("backstop only: {timeline:?}");
+    assert_eq!(alembic_version(&url).await.as_deref(), Some("0002"));
+    let deployment: Deployment = ns.api().get(DEPLOYMENT).await.unwrap();
+    assert!(held_for(&deployment).is_none());
+}
+
+#[tokio::test]
+async fn twenty_releases_with_the_webhook_start_no_early_pod() {
+    let mut runs = Vec::new();
+    for round in 0..4 {
+        let mut batch = Vec::new();
+        for slot in 0..5 {
+            batch.push(async move {
+                let ns = namespace(&format!("repeat-{round}-{slot}")).await;
+                let _operator = Operator::start(&ns, OperatorOptions { webhook: true }).await;
+                let url = v1_serving(&ns).await;
+                release_v2(&ns, &url).await
+            });
+        }
+        runs.extend(futures::future::join_all(batch).await);
+    }
+    assert_eq!(runs.len(), 20);
+    let early: usize = runs.iter().map(|t| t.early_pods).sum();
+    assert_eq!(early, 0, "early v2 pods across 20 releases: {runs:?}");
+    assert!(
+        runs.iter().all(|t| t.min_old_ready_before_new == Some(2)),
+        "{runs:?}"
+    );
+}
