@@ -58,7 +58,9 @@ pub async fn update_status(
         &Patch::Apply(&patch),
     )
     .await
-    .map_err(Error::kube(format!("update status of DatabaseMigration {name}")))?;
+    .map_err(Error::kube(format!(
+        "update status of DatabaseMigration {name}"
+    )))?;
     Ok(())
 }
 

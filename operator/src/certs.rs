@@ -9,7 +9,9 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::{Timestamp, ToSpan, tz::TimeZone};
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -104,10 +106,17 @@ pub fn generate(names: &CertNames, now: Timestamp) -> Result<(ServingCert, Times
 
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(names.dns.clone())?;
-    params.subject_alt_names.extend(names.ips.iter().map(|ip| SanType::IpAddress(*ip)));
     params
-        .distinguished_name
-        .push(DnType::CommonName, names.dns.first().map(String::as_str).unwrap_or("schemagate"));
+        .subject_alt_names
+        .extend(names.ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    params.distinguished_name.push(
+        DnType::CommonName,
+        names
+            .dns
+            .first()
+            .map(String::as_str)
+            .unwrap_or("schemagate"),
+    );
     params.not_before = not_before;
     params.not_after = not_after_time;
     let cert = params.signed_by(&key, &issuer)?;
@@ -141,7 +150,9 @@ pub async fn ensure(
             action: format!("get Secret {secret_name}"),
             source,
         })?;
-    let current = existing.as_ref().and_then(|secret| usable(secret, names, now));
+    let current = existing
+        .as_ref()
+        .and_then(|secret| usable(secret, names, now));
     let cert = match current {
         Some(cert) => cert,
         None => {
@@ -161,14 +172,27 @@ pub async fn ensure(
                 },
                 type_: Some("kubernetes.io/tls".to_string()),
                 data: Some(BTreeMap::from([
-                    ("tls.crt".to_string(), ByteString(cert.cert_pem.clone().into_bytes())),
-                    ("tls.key".to_string(), ByteString(cert.key_pem.clone().into_bytes())),
-                    ("ca.crt".to_string(), ByteString(cert.ca_bundle_pem.clone().into_bytes())),
+                    (
+                        "tls.crt".to_string(),
+                        ByteString(cert.cert_pem.clone().into_bytes()),
+                    ),
+                    (
+                        "tls.key".to_string(),
+                        ByteString(cert.key_pem.clone().into_bytes()),
+                    ),
+                    (
+                        "ca.crt".to_string(),
+                        ByteString(cert.ca_bundle_pem.clone().into_bytes()),
+                    ),
                 ])),
                 ..Default::default()
             };
             secrets
-                .patch(secret_name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret))
+                .patch(
+                    secret_name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&secret),
+                )
                 .await
                 .map_err(|source| CertError::Kube {
                     action: format!("write Secret {secret_name}"),
@@ -195,7 +219,9 @@ fn usable(secret: &Secret, names: &CertNames, now: Timestamp) -> Option<ServingC
         return None;
     }
     let not_after: Timestamp = annotations.get(NOT_AFTER_ANNOTATION)?.parse().ok()?;
-    let renew_at = not_after.checked_sub((RENEW_BEFORE_DAYS * 24).hours()).ok()?;
+    let renew_at = not_after
+        .checked_sub((RENEW_BEFORE_DAYS * 24).hours())
+        .ok()?;
     if now >= renew_at {
         return None;
     }
@@ -207,7 +233,11 @@ fn usable(secret: &Secret, names: &CertNames, now: Timestamp) -> Option<ServingC
 }
 
 /// Sets the CA bundle of every webhook of the configuration, if it differs.
-pub async fn patch_ca_bundle(client: &Client, config: &str, ca_bundle_pem: &str) -> Result<(), CertError> {
+pub async fn patch_ca_bundle(
+    client: &Client,
+    config: &str,
+    ca_bundle_pem: &str,
+) -> Result<(), CertError> {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let current = api.get(config).await.map_err(|source| CertError::Kube {
         action: format!("get MutatingWebhookConfiguration {config}"),
@@ -259,12 +289,19 @@ mod tests {
 
     #[test]
     fn generated_certificate_is_signed_for_the_service_names() {
-        let names = CertNames::for_service("schemagate", "schemagate-system", vec!["127.0.0.1".parse().unwrap()]);
+        let names = CertNames::for_service(
+            "schemagate",
+            "schemagate-system",
+            vec!["127.0.0.1".parse().unwrap()],
+        );
         let now: Timestamp = "2026-11-24T00:00:00Z".parse().unwrap();
         let (cert, not_after) = generate(&names, now).unwrap();
         assert!(cert.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(cert.key_pem.contains("PRIVATE KEY"));
-        assert!(cert.ca_bundle_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(
+            cert.ca_bundle_pem
+                .starts_with("-----BEGIN CERTIFICATE-----")
+        );
         assert_eq!(not_after.to_string(), "2027-11-24T00:00:00Z");
     }
 
@@ -282,9 +319,15 @@ mod tests {
                 ..Default::default()
             },
             data: Some(BTreeMap::from([
-                ("tls.crt".to_string(), ByteString(cert.cert_pem.into_bytes())),
+                (
+                    "tls.crt".to_string(),
+                    ByteString(cert.cert_pem.into_bytes()),
+                ),
                 ("tls.key".to_string(), ByteString(cert.key_pem.into_bytes())),
-                ("ca.crt".to_string(), ByteString(cert.ca_bundle_pem.into_bytes())),
+                (
+                    "ca.crt".to_string(),
+                    ByteString(cert.ca_bundle_pem.into_bytes()),
+                ),
             ])),
             ..Default::default()
         };

@@ -23,10 +23,14 @@ pub struct CheckRow {
 
 /// Checks the opted-in Deployments of one namespace, or of all when `None`.
 pub async fn check(client: &Client, namespace: Option<&str>) -> Result<Vec<CheckRow>, kube::Error> {
-    let (deployments, migrations): (Api<Deployment>, Api<DeserializeGuard<DatabaseMigration>>) = match namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
+    let (deployments, migrations): (Api<Deployment>, Api<DeserializeGuard<DatabaseMigration>>) =
+        match namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
     let deployments = deployments
         .list(&ListParams::default().labels(MIGRATION_LABEL))
         .await?
@@ -60,7 +64,11 @@ fn row(
     migrations: &HashMap<(String, String), DeserializeGuard<DatabaseMigration>>,
 ) -> CheckRow {
     let namespace = deployment.namespace().unwrap_or_default();
-    let migration_name = deployment.labels().get(MIGRATION_LABEL).cloned().unwrap_or_default();
+    let migration_name = deployment
+        .labels()
+        .get(MIGRATION_LABEL)
+        .cloned()
+        .unwrap_or_default();
     let migration = migrations.get(&(namespace.clone(), migration_name.clone()));
     let applied = migration
         .and_then(|m| m.0.as_ref().ok())
@@ -94,7 +102,15 @@ fn row(
 
 /// The rows as an aligned table, like kubectl prints.
 pub fn render_table(rows: &[CheckRow]) -> String {
-    let header = ["NAMESPACE", "DEPLOYMENT", "MIGRATION", "REQUIRED", "APPLIED", "STATUS", "MESSAGE"];
+    let header = [
+        "NAMESPACE",
+        "DEPLOYMENT",
+        "MIGRATION",
+        "REQUIRED",
+        "APPLIED",
+        "STATUS",
+        "MESSAGE",
+    ];
     let cells: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {
@@ -121,7 +137,13 @@ pub fn render_table(rows: &[CheckRow]) -> String {
             .iter()
             .zip(widths)
             .enumerate()
-            .map(|(i, (c, w))| if i + 1 == cols.len() { c.to_string() } else { format!("{c:<w$}") })
+            .map(|(i, (c, w))| {
+                if i + 1 == cols.len() {
+                    c.to_string()
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
             .collect();
         out.push_str(text.join("   ").trim_end());
         out.push('\n');
@@ -152,6 +174,9 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].starts_with("NAMESPACE   DEPLOYMENT"));
         assert!(lines[1].contains("Pending"));
-        assert_eq!(lines[0].find("DEPLOYMENT"), lines[1].find("admin-dashboard"));
+        assert_eq!(
+            lines[0].find("DEPLOYMENT"),
+            lines[1].find("admin-dashboard")
+        );
     }
 }

@@ -266,15 +266,26 @@ async fn probe_command(args: ProbeArgs) -> ExitCode {
             let api: Api<DatabaseMigration> = Api::namespaced(client.clone(), &namespace);
             let migration = match api.get(name).await {
                 Ok(migration) => migration,
-                Err(error) => return fail(format!("DatabaseMigration {namespace}/{name}: {error}")),
+                Err(error) => {
+                    return fail(format!("DatabaseMigration {namespace}/{name}: {error}"));
+                }
             };
-            let ctx_url = crate::observe::read_database_url_with(&client, &namespace, &migration).await;
+            let ctx_url =
+                crate::observe::read_database_url_with(&client, &namespace, &migration).await;
             let url = match ctx_url {
                 Ok(url) => url,
                 Err(error) => return fail(error.chain()),
             };
-            let revision = args.revision.clone().or(Some(migration.spec.revision.clone()));
-            (migration.spec.database.engine, migration.spec.database.tracking, url, revision)
+            let revision = args
+                .revision
+                .clone()
+                .or(Some(migration.spec.revision.clone()));
+            (
+                migration.spec.database.engine,
+                migration.spec.database.tracking,
+                url,
+                revision,
+            )
         }
         None => {
             let engine = match args.engine {
@@ -291,7 +302,12 @@ async fn probe_command(args: ProbeArgs) -> ExitCode {
             };
             let url = match std::env::var(&args.url_env) {
                 Ok(url) => url,
-                Err(_) => return fail(format!("set the database URL in the environment variable {}", args.url_env)),
+                Err(_) => {
+                    return fail(format!(
+                        "set the database URL in the environment variable {}",
+                        args.url_env
+                    ));
+                }
             };
             (engine, tracking, url, args.revision.clone())
         }
@@ -332,10 +348,16 @@ async fn check_command(args: CheckArgs) -> ExitCode {
     };
     let rows = match check::check(&client, namespace.as_deref()).await {
         Ok(rows) => rows,
-        Err(error) => return fail(format!("cannot list Deployments and DatabaseMigrations: {error}")),
+        Err(error) => {
+            return fail(format!(
+                "cannot list Deployments and DatabaseMigrations: {error}"
+            ));
+        }
     };
     match args.output {
-        OutputFormat::Table if rows.is_empty() => println!("no Deployments labelled schemagate.dev/migration"),
+        OutputFormat::Table if rows.is_empty() => {
+            println!("no Deployments labelled schemagate.dev/migration")
+        }
         OutputFormat::Table => print!("{}", check::render_table(&rows)),
         OutputFormat::Json => {
             let json: Vec<_> = rows
@@ -347,7 +369,10 @@ async fn check_command(args: CheckArgs) -> ExitCode {
                     })
                 })
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json).unwrap_or_default()
+            );
         }
     }
     if rows.iter().any(|r| r.pending) {

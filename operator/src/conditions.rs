@@ -90,13 +90,37 @@ mod tests {
     #[test]
     fn keeps_transition_time_while_status_is_unchanged() {
         let mut conditions = Vec::new();
-        set_condition(&mut conditions, "Ready", Status::False, "Pending", "a", Some(1), at(10));
-        set_condition(&mut conditions, "Ready", Status::False, "Running", "b", Some(2), at(20));
+        set_condition(
+            &mut conditions,
+            "Ready",
+            Status::False,
+            "Pending",
+            "a",
+            Some(1),
+            at(10),
+        );
+        set_condition(
+            &mut conditions,
+            "Ready",
+            Status::False,
+            "Running",
+            "b",
+            Some(2),
+            at(20),
+        );
         assert_eq!(conditions.len(), 1);
         assert_eq!(conditions[0].last_transition_time, Time(at(10)));
         assert_eq!(conditions[0].reason, "Running");
         assert_eq!(conditions[0].observed_generation, Some(2));
-        set_condition(&mut conditions, "Ready", Status::True, "Applied", "c", Some(2), at(30));
+        set_condition(
+            &mut conditions,
+            "Ready",
+            Status::True,
+            "Applied",
+            "c",
+            Some(2),
+            at(30),
+        );
         assert_eq!(conditions[0].last_transition_time, Time(at(30)));
         assert!(is_true(&conditions, "Ready"));
     }

@@ -3,8 +3,8 @@
 use crate::telemetry::Metrics;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::core::DeserializeGuard;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use schemagate_crds::DatabaseMigration;
 use std::sync::Arc;

@@ -97,7 +97,10 @@ async fn reconcile(migration: &DatabaseMigration, ctx: &Context) -> Result<Actio
     }
 }
 
-pub(crate) async fn reconcile_migration(guard: Arc<GuardedMigration>, ctx: Arc<Context>) -> Result<Action> {
+pub(crate) async fn reconcile_migration(
+    guard: Arc<GuardedMigration>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started("migration");
     let (result, reference, key) = match &guard.0 {
         Ok(migration) => (
@@ -133,7 +136,12 @@ pub(crate) async fn reconcile_migration(guard: Arc<GuardedMigration>, ctx: Arc<C
 
 /// The one reporting path for failed reconciles: a log line, a metric and a Warning Event
 /// with the reason and the error chain.
-async fn report(ctx: &Context, controller: &'static str, reference: &ObjectReference, error: &Error) {
+async fn report(
+    ctx: &Context,
+    controller: &'static str,
+    reference: &ObjectReference,
+    error: &Error,
+) {
     ctx.metrics.reconcile_failed(controller, error.reason());
     let message = crate::conditions::truncate_start(&error.chain(), 1024);
     warn!(
@@ -155,7 +163,11 @@ async fn report(ctx: &Context, controller: &'static str, reference: &ObjectRefer
     }
 }
 
-fn migration_error_policy(guard: Arc<GuardedMigration>, _error: &Error, ctx: Arc<Context>) -> Action {
+fn migration_error_policy(
+    guard: Arc<GuardedMigration>,
+    _error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     let key = match &guard.0 {
         Ok(migration) => key_of(migration),
         Err(invalid) => format!(
@@ -192,7 +204,10 @@ async fn gate_deployment(deployment: &Deployment, ctx: &Context) -> Result<Actio
             let migration = api
                 .get_opt(&requirement.migration)
                 .await
-                .map_err(Error::kube(format!("get DatabaseMigration {}", requirement.migration)))?;
+                .map_err(Error::kube(format!(
+                    "get DatabaseMigration {}",
+                    requirement.migration
+                )))?;
             let verdict = gate::evaluate(migration.as_ref(), requirement);
             (migration, verdict)
         }
@@ -200,17 +215,25 @@ async fn gate_deployment(deployment: &Deployment, ctx: &Context) -> Result<Actio
     };
     let change = gate::decide(deployment, requirement.as_ref(), &verdict);
     let Some(patch) = gate::merge_patch(deployment, &change) else {
-        if let (Verdict::Held { reason, message }, true) = (&verdict, gate::held_by_schemagate(deployment)) {
+        if let (Verdict::Held { reason, message }, true) =
+            (&verdict, gate::held_by_schemagate(deployment))
+        {
             // Held already, by the webhook at admission or earlier: say why, with what the
             // database reports now. Identical Events are counted as one series.
             let event = Event {
                 type_: EventType::Normal,
                 reason: "RolloutHeld".to_string(),
-                note: Some(format!("rollout paused by schemagate ({reason}): {message}")),
+                note: Some(format!(
+                    "rollout paused by schemagate ({reason}): {message}"
+                )),
                 action: "Hold".to_string(),
                 secondary: None,
             };
-            if let Err(error) = ctx.recorder.publish(&event, &deployment.object_ref(&())).await {
+            if let Err(error) = ctx
+                .recorder
+                .publish(&event, &deployment.object_ref(&()))
+                .await
+            {
                 warn!(%error, "cannot publish Event");
             }
         }
@@ -221,7 +244,10 @@ async fn gate_deployment(deployment: &Deployment, ctx: &Context) -> Result<Actio
         field_manager: Some(FIELD_MANAGER.to_string()),
         ..Default::default()
     };
-    match deployments.patch(&name, &params, &Patch::Merge(&patch)).await {
+    match deployments
+        .patch(&name, &params, &Patch::Merge(&patch))
+        .await
+    {
         Ok(_) => {}
         // Changed since it was read (a person, the webhook): decide again on the new version.
         Err(kube::Error::Api(status)) if status.code == 409 => {
@@ -312,17 +338,20 @@ pub async fn run_controllers(
     let jobs: Api<Job> = scoped(&client, &config.namespace);
     let deployments: Api<Deployment> = scoped(&client, &config.namespace);
     let opted_in = watcher::Config::default().labels(MIGRATION_LABEL);
-    let managed_jobs = watcher::Config::default()
-        .labels(&format!("{}={}", job::MANAGED_BY_LABEL, job::MANAGED_BY));
+    let managed_jobs = watcher::Config::default().labels(&format!(
+        "{}={}",
+        job::MANAGED_BY_LABEL,
+        job::MANAGED_BY
+    ));
 
     let migration_controller = migrations
         .owns(jobs, managed_jobs)
         .watches(deployments.clone(), opted_in.clone(), |deployment| {
             let namespace = deployment.namespace();
-            deployment
-                .labels()
-                .get(MIGRATION_LABEL)
-                .map(|name| ObjectRef::<GuardedMigration>::new(name).within(namespace.as_deref().unwrap_or_default()))
+            deployment.labels().get(MIGRATION_LABEL).map(|name| {
+                ObjectRef::<GuardedMigration>::new(name)
+                    .within(namespace.as_deref().unwrap_or_default())
+            })
         })
         .with_config(Config::default().concurrency(config.concurrency))
         .graceful_shutdown_on(shutdown())
@@ -346,8 +375,7 @@ pub async fn run_controllers(
                     .state()
                     .into_iter()
                     .filter(|d| {
-                        d.namespace() == namespace
-                            && d.labels().get(MIGRATION_LABEL) == Some(&name)
+                        d.namespace() == namespace && d.labels().get(MIGRATION_LABEL) == Some(&name)
                     })
                     .map(|d| ObjectRef::from_obj(d.as_ref()))
                     .collect::<Vec<_>>()

@@ -11,14 +11,18 @@ pub enum Error {
     #[error("invalid DatabaseMigration: {message}")]
     InvalidSpec { message: String },
 
-    #[error("Secret {name:?} not found in namespace {namespace:?}: create it with the database URL under key {key:?}")]
+    #[error(
+        "Secret {name:?} not found in namespace {namespace:?}: create it with the database URL under key {key:?}"
+    )]
     SecretNotFound {
         namespace: String,
         name: String,
         key: String,
     },
 
-    #[error("Secret {name:?} has no key {key:?}: add the database URL under that key or fix spec.database.urlSecretRef.key")]
+    #[error(
+        "Secret {name:?} has no key {key:?}: add the database URL under that key or fix spec.database.urlSecretRef.key"
+    )]
     SecretKeyMissing { name: String, key: String },
 
     #[error("Secret {name:?} key {key:?} is not UTF-8 text: store the database URL as plain text")]
@@ -30,7 +34,9 @@ pub enum Error {
         source: ProbeError,
     },
 
-    #[error("the database did not answer within {seconds}s: check that it is reachable from the operator (network policy, host, port)")]
+    #[error(
+        "the database did not answer within {seconds}s: check that it is reachable from the operator (network policy, host, port)"
+    )]
     ProbeTimeout { seconds: u64 },
 
     #[error("{action} failed")]

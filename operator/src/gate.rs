@@ -101,9 +101,10 @@ pub fn evaluate(
     };
     let state = match status.phase {
         Some(schemagate_crds::Phase::Failed) => {
-            let why = crate::conditions::find(&status.conditions, schemagate_crds::condition::READY)
-                .map(|c| format!(": {}", c.message))
-                .unwrap_or_default();
+            let why =
+                crate::conditions::find(&status.conditions, schemagate_crds::condition::READY)
+                    .map(|c| format!(": {}", c.message))
+                    .unwrap_or_default();
             format!("; the migration failed{why}")
         }
         Some(schemagate_crds::Phase::Running) => "; the migration is running".to_string(),
@@ -121,7 +122,9 @@ pub fn evaluate(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GateChange {
     /// Pause it and mark it held for this revision.
-    Hold { revision: String },
+    Hold {
+        revision: String,
+    },
     /// Unpause it and remove the mark: only for Deployments schemagate paused itself.
     Release,
     None,
@@ -138,14 +141,18 @@ fn paused(deployment: &Deployment) -> bool {
 
 /// The change a verdict calls for. A Deployment a person paused is left alone both ways:
 /// it is not rolling out, and it must never be unpaused by schemagate.
-pub fn decide(deployment: &Deployment, requirement: Option<&Requirement>, verdict: &Verdict) -> GateChange {
+pub fn decide(
+    deployment: &Deployment,
+    requirement: Option<&Requirement>,
+    verdict: &Verdict,
+) -> GateChange {
     let held = held_by_schemagate(deployment);
     match (requirement, verdict) {
         (Some(requirement), Verdict::Held { .. }) => {
             let marked_for = deployment.annotations().get(HELD_FOR_ANNOTATION);
-            if held && paused(deployment) && marked_for == Some(&requirement.revision) {
-                GateChange::None
-            } else if !held && paused(deployment) {
+            let already_held = held && marked_for == Some(&requirement.revision);
+            // Paused by a person (no marker) or already held for this revision: nothing to do.
+            if paused(deployment) && (already_held || !held) {
                 GateChange::None
             } else {
                 GateChange::Hold {
@@ -193,10 +200,13 @@ pub fn json_patch(deployment: &Deployment, change: &GateChange) -> Vec<serde_jso
         GateChange::Hold { revision } => {
             let mut operations = Vec::new();
             if !has_annotations {
-                operations.push(serde_json::json!({"op": "add", "path": "/metadata/annotations", "value": {}}));
+                operations.push(
+                    serde_json::json!({"op": "add", "path": "/metadata/annotations", "value": {}}),
+                );
             }
             operations.push(serde_json::json!({"op": "add", "path": held_for, "value": revision}));
-            operations.push(serde_json::json!({"op": "add", "path": "/spec/paused", "value": true}));
+            operations
+                .push(serde_json::json!({"op": "add", "path": "/spec/paused", "value": true}));
             operations
         }
         GateChange::Release => vec![
@@ -227,7 +237,10 @@ spec:
     spec: { containers: [{ name: app, image: app:v2 }] }
 "#;
 
-    fn migration_with(applied: Option<&str>, applied_revisions: &[&str]) -> DeserializeGuard<DatabaseMigration> {
+    fn migration_with(
+        applied: Option<&str>,
+        applied_revisions: &[&str],
+    ) -> DeserializeGuard<DatabaseMigration> {
         let mut migration = migration_from_yaml(
             r#"
 apiVersion: schemagate.dev/v1alpha1
@@ -255,7 +268,13 @@ spec:
     #[test]
     fn held_until_the_status_reports_the_revision() {
         let requirement = requirement(&deployment(APP_V2)).unwrap();
-        assert!(matches!(evaluate(None, &requirement), Verdict::Held { reason: "MigrationNotFound", .. }));
+        assert!(matches!(
+            evaluate(None, &requirement),
+            Verdict::Held {
+                reason: "MigrationNotFound",
+                ..
+            }
+        ));
         let pending = evaluate(Some(&migration_with(Some("0001"), &["0001"])), &requirement);
         match pending {
             Verdict::Held { message, .. } => {
@@ -265,7 +284,10 @@ spec:
             Verdict::Satisfied => panic!("released early"),
         }
         assert_eq!(
-            evaluate(Some(&migration_with(Some("0002"), &["0001", "0002"])), &requirement),
+            evaluate(
+                Some(&migration_with(Some("0002"), &["0001", "0002"])),
+                &requirement
+            ),
             Verdict::Satisfied
         );
     }
@@ -282,33 +304,66 @@ spec:
     fn holds_pauses_and_marks_and_releases_only_its_own_hold() {
         let app = deployment(APP_V2);
         let requirement = requirement(&app).unwrap();
-        let held = Verdict::Held { reason: "RevisionPending", message: String::new() };
+        let held = Verdict::Held {
+            reason: "RevisionPending",
+            message: String::new(),
+        };
         assert_eq!(
             decide(&app, Some(&requirement), &held),
-            GateChange::Hold { revision: "0002".into() }
+            GateChange::Hold {
+                revision: "0002".into()
+            }
         );
-        let patch = merge_patch(&app, &GateChange::Hold { revision: "0002".into() }).unwrap();
+        let patch = merge_patch(
+            &app,
+            &GateChange::Hold {
+                revision: "0002".into(),
+            },
+        )
+        .unwrap();
         assert_eq!(patch["spec"]["paused"], true);
         assert_eq!(patch["metadata"]["resourceVersion"], "7");
 
         let mut paused_by_person = app.clone();
         paused_by_person.spec.as_mut().unwrap().paused = Some(true);
-        assert_eq!(decide(&paused_by_person, Some(&requirement), &held), GateChange::None);
-        assert_eq!(decide(&paused_by_person, Some(&requirement), &Verdict::Satisfied), GateChange::None);
+        assert_eq!(
+            decide(&paused_by_person, Some(&requirement), &held),
+            GateChange::None
+        );
+        assert_eq!(
+            decide(&paused_by_person, Some(&requirement), &Verdict::Satisfied),
+            GateChange::None
+        );
 
         let mut held_by_us = paused_by_person.clone();
-        held_by_us.annotations_mut().insert(HELD_FOR_ANNOTATION.into(), "0002".into());
-        assert_eq!(decide(&held_by_us, Some(&requirement), &held), GateChange::None);
-        assert_eq!(decide(&held_by_us, Some(&requirement), &Verdict::Satisfied), GateChange::Release);
+        held_by_us
+            .annotations_mut()
+            .insert(HELD_FOR_ANNOTATION.into(), "0002".into());
+        assert_eq!(
+            decide(&held_by_us, Some(&requirement), &held),
+            GateChange::None
+        );
+        assert_eq!(
+            decide(&held_by_us, Some(&requirement), &Verdict::Satisfied),
+            GateChange::Release
+        );
     }
 
     #[test]
     fn json_patch_adds_annotations_map_when_missing() {
         let mut app = deployment(APP_V2);
         app.metadata.annotations = None;
-        let operations = json_patch(&app, &GateChange::Hold { revision: "0002".into() });
+        let operations = json_patch(
+            &app,
+            &GateChange::Hold {
+                revision: "0002".into(),
+            },
+        );
         assert_eq!(operations[0]["path"], "/metadata/annotations");
-        assert_eq!(operations[1]["path"], "/metadata/annotations/schemagate.dev~1held-for");
+        assert_eq!(
+            operations[1]["path"],
+            "/metadata/annotations/schemagate.dev~1held-for"
+        );
         assert_eq!(operations[2]["value"], true);
     }
 }

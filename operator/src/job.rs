@@ -75,7 +75,10 @@ pub fn database_key(migration: &DatabaseMigration) -> String {
 pub fn requested_by(migration: &DatabaseMigration) -> String {
     match retry_token(migration) {
         Some(token) => format!("retry {token}"),
-        None => format!("spec generation {}", migration.metadata.generation.unwrap_or(0)),
+        None => format!(
+            "spec generation {}",
+            migration.metadata.generation.unwrap_or(0)
+        ),
     }
 }
 
@@ -124,14 +127,15 @@ pub fn build_job(migration: &DatabaseMigration) -> Job {
             seccomp_profile: Some(runtime_default_seccomp()),
             ..Default::default()
         });
-    let pod_security = migrator
-        .pod_security_context
-        .clone()
-        .unwrap_or_else(|| PodSecurityContext {
-            run_as_non_root: Some(true),
-            seccomp_profile: Some(runtime_default_seccomp()),
-            ..Default::default()
-        });
+    let pod_security =
+        migrator
+            .pod_security_context
+            .clone()
+            .unwrap_or_else(|| PodSecurityContext {
+                run_as_non_root: Some(true),
+                seccomp_profile: Some(runtime_default_seccomp()),
+                ..Default::default()
+            });
 
     Job {
         metadata: ObjectMeta {
@@ -246,10 +250,23 @@ spec:
         let container = &pod.containers[0];
         let env = container.env.as_ref().unwrap();
         let url: Vec<_> = env.iter().filter(|e| e.name == "DATABASE_URL").collect();
-        assert_eq!(url.len(), 1, "a literal DATABASE_URL must not override the Secret");
+        assert_eq!(
+            url.len(),
+            1,
+            "a literal DATABASE_URL must not override the Secret"
+        );
         assert!(url[0].value.is_none());
-        let secret = url[0].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
-        assert_eq!((secret.name.as_str(), secret.key.as_str()), ("app-db-url", "url"));
+        let secret = url[0]
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("app-db-url", "url")
+        );
         assert!(env.iter().any(|e| e.name == "LOG"));
 
         let security = container.security_context.as_ref().unwrap();

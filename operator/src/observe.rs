@@ -26,7 +26,11 @@ pub async fn observe(ctx: &Context, migration: &DatabaseMigration) -> Result<Obs
     let job_name = job::job_name(migration);
 
     let url = read_database_url_with(&ctx.client, &namespace, migration).await;
-    let job = match jobs.get_opt(&job_name).await.map_err(Error::kube(format!("get Job {job_name}")))? {
+    let job = match jobs
+        .get_opt(&job_name)
+        .await
+        .map_err(Error::kube(format!("get Job {job_name}")))?
+    {
         Some(found) => Some(observe_job(ctx, &namespace, &found, url.as_deref().ok()).await?),
         None => None,
     };
@@ -123,7 +127,10 @@ async fn observe_job(
         JobState::Succeeded
     } else if let Some(failed) = condition("Failed") {
         JobState::Failed {
-            reason: failed.reason.clone().unwrap_or_else(|| "Failed".to_string()),
+            reason: failed
+                .reason
+                .clone()
+                .unwrap_or_else(|| "Failed".to_string()),
         }
     } else {
         JobState::Active
@@ -154,7 +161,11 @@ pub fn scrub(text: &str, url: Option<&str>) -> String {
 }
 
 /// The newest pod's termination message of a Job.
-async fn termination_message(ctx: &Context, namespace: &str, job_name: &str) -> Result<Option<String>> {
+async fn termination_message(
+    ctx: &Context,
+    namespace: &str,
+    job_name: &str,
+) -> Result<Option<String>> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let mut list = pods
         .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")))
@@ -216,7 +227,11 @@ async fn other_active_job(
 }
 
 /// Names of this migration's Deployments that schemagate holds.
-async fn held_deployments(ctx: &Context, namespace: &str, migration_name: &str) -> Result<Vec<String>> {
+async fn held_deployments(
+    ctx: &Context,
+    namespace: &str,
+    migration_name: &str,
+) -> Result<Vec<String>> {
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
     let list = deployments
         .list(&ListParams::default().labels(&format!("{MIGRATION_LABEL}={migration_name}")))

@@ -124,7 +124,10 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
     };
     let required = migration.spec.revision.as_str();
     let satisfied = probe::is_satisfied(&applied, required, &previous.applied_revisions);
-    let forward_to = observed.job.as_ref().map(|_| migration.spec.revision.as_str());
+    let forward_to = observed
+        .job
+        .as_ref()
+        .map(|_| migration.spec.revision.as_str());
     draft.status.applied_revisions =
         next_applied_revisions(&applied, &previous.applied_revisions, forward_to);
     draft.status.applied_revision = probe::current_revision(&applied, required);
@@ -134,7 +137,10 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
         return draft.satisfied(observed.job.as_ref(), drift_interval);
     }
     if was_ready_for_this_generation(migration, &previous)
-        && !matches!(observed.job.as_ref().map(|j| &j.state), Some(JobState::Active))
+        && !matches!(
+            observed.job.as_ref().map(|j| &j.state),
+            Some(JobState::Active)
+        )
     {
         return draft.drifted(&reported, drift_interval);
     }
@@ -170,11 +176,16 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
 pub fn validate(migration: &DatabaseMigration) -> Result<(), String> {
     let spec = &migration.spec;
     if spec.revision.trim().is_empty() {
-        return Err("spec.revision is empty: name the revision the migrator brings the database to".into());
+        return Err(
+            "spec.revision is empty: name the revision the migrator brings the database to".into(),
+        );
     }
     match (&spec.database.tracking.tool, &spec.database.tracking.query) {
         (Some(_), Some(_)) => {
-            return Err("set only one of spec.database.tracking.tool and spec.database.tracking.query".into());
+            return Err(
+                "set only one of spec.database.tracking.tool and spec.database.tracking.query"
+                    .into(),
+            );
         }
         (None, None) => {
             return Err("set spec.database.tracking.tool (alembic, flyway, ...) or spec.database.tracking.query".into());
@@ -279,11 +290,13 @@ impl Draft<'_> {
 
     /// A Normal or Warning Event, only when the Ready condition's reason changes.
     fn note_on_transition(&mut self, type_: EventType, reason: &'static str, message: String) {
-        let previous_reason = crate::conditions::find(&self.previous.conditions, READY)
-            .map(|c| c.reason.as_str());
+        let previous_reason =
+            crate::conditions::find(&self.previous.conditions, READY).map(|c| c.reason.as_str());
         let current_reason =
             crate::conditions::find(&self.status.conditions, READY).map(|c| c.reason.as_str());
-        if previous_reason != current_reason || self.previous.observed_generation != self.status.observed_generation {
+        if previous_reason != current_reason
+            || self.previous.observed_generation != self.status.observed_generation
+        {
             self.notes.push(Note {
                 type_,
                 reason,
@@ -408,7 +421,9 @@ impl Draft<'_> {
                 self.note_on_transition(
                     EventType::Normal,
                     "RevisionAdopted",
-                    format!("the database already reports revision {revision}: no migration Job needed"),
+                    format!(
+                        "the database already reports revision {revision}: no migration Job needed"
+                    ),
                 );
             }
         }
@@ -562,7 +577,10 @@ spec:
         }
     }
 
-    fn condition<'a>(plan: &'a Plan, type_: &str) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    fn condition<'a>(
+        plan: &'a Plan,
+        type_: &str,
+    ) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
         crate::conditions::find(&plan.status.conditions, type_).unwrap()
     }
 
@@ -590,14 +608,22 @@ spec:
         assert_eq!(name.as_deref(), Some(job::job_name(&migration).as_str()));
         assert_eq!(first.status.phase, Some(Phase::Running));
         assert_eq!(condition(&first, PROGRESSING).reason, "JobCreated");
-        assert!(first.notes[0].message.contains("from revision 0001 to revision 0002"));
+        assert!(
+            first.notes[0]
+                .message
+                .contains("from revision 0001 to revision 0002")
+        );
     }
 
     #[test]
     fn running_job_is_not_created_again() {
         let migration = migration_from_yaml(MIGRATION);
         let running = job(&migration, JobState::Active, None);
-        let plan = plan(&migration, observed(Ok(heads(&["0001"])), Some(running)), now());
+        let plan = plan(
+            &migration,
+            observed(Ok(heads(&["0001"])), Some(running)),
+            now(),
+        );
         assert!(plan.create_job.is_none());
         assert_eq!(plan.status.phase, Some(Phase::Running));
     }
@@ -606,9 +632,16 @@ spec:
     fn job_succeeded_and_database_agrees_is_ready_with_history() {
         let migration = migration_from_yaml(MIGRATION);
         let done = job(&migration, JobState::Succeeded, None);
-        let plan = plan(&migration, observed(Ok(heads(&["0002"])), Some(done.clone())), now());
+        let plan = plan(
+            &migration,
+            observed(Ok(heads(&["0002"])), Some(done.clone())),
+            now(),
+        );
         assert_eq!(plan.status.phase, Some(Phase::Succeeded));
-        assert_eq!(plan.status.history[0].job.as_deref(), Some(done.name.as_str()));
+        assert_eq!(
+            plan.status.history[0].job.as_deref(),
+            Some(done.name.as_str())
+        );
         assert_eq!(plan.status.history[0].result, "Succeeded");
         assert_eq!(plan.notes[0].reason, "MigrationSucceeded");
     }
@@ -617,12 +650,24 @@ spec:
     fn job_succeeded_but_database_disagrees_fails_naming_both_revisions() {
         let migration = migration_from_yaml(MIGRATION);
         let done = job(&migration, JobState::Succeeded, None);
-        let plan = plan(&migration, observed(Ok(heads(&["0001"])), Some(done)), now());
+        let plan = plan(
+            &migration,
+            observed(Ok(heads(&["0001"])), Some(done)),
+            now(),
+        );
         assert_eq!(plan.status.phase, Some(Phase::Failed));
         let failed = condition(&plan, FAILED);
         assert_eq!(failed.reason, "RevisionNotApplied");
-        assert!(failed.message.contains("revision 0001"), "{}", failed.message);
-        assert!(failed.message.contains("not revision 0002"), "{}", failed.message);
+        assert!(
+            failed.message.contains("revision 0001"),
+            "{}",
+            failed.message
+        );
+        assert!(
+            failed.message.contains("not revision 0002"),
+            "{}",
+            failed.message
+        );
         assert!(plan.create_job.is_none());
         assert_eq!(plan.notes[0].type_, EventType::Warning);
     }
@@ -632,10 +677,16 @@ spec:
         let mut migration = migration_from_yaml(MIGRATION);
         let failed_job = job(
             &migration,
-            JobState::Failed { reason: "BackoffLimitExceeded".into() },
+            JobState::Failed {
+                reason: "BackoffLimitExceeded".into(),
+            },
             Some("exit code 1: syntax error at or near \"COLUMNN\""),
         );
-        let first = plan(&migration, observed(Ok(heads(&["0001"])), Some(failed_job)), now());
+        let first = plan(
+            &migration,
+            observed(Ok(heads(&["0001"])), Some(failed_job)),
+            now(),
+        );
         assert_eq!(first.status.phase, Some(Phase::Failed));
         let message = &condition(&first, READY).message;
         assert!(message.contains("BackoffLimitExceeded"), "{message}");
@@ -655,7 +706,10 @@ spec:
             .insert(schemagate_crds::RETRY_ANNOTATION.into(), "1".into());
         let retried = plan(&migration, observed(Ok(heads(&["0001"])), None), now());
         let retry_job = retried.create_job.expect("retry starts a Job");
-        assert_ne!(retry_job.metadata.name, Some(first.status.job.unwrap().name));
+        assert_ne!(
+            retry_job.metadata.name,
+            Some(first.status.job.unwrap().name)
+        );
     }
 
     #[test]
@@ -672,7 +726,10 @@ spec:
         let ready = condition(&plan, READY);
         assert_eq!(ready.reason, "SecretNotFound");
         assert!(ready.message.contains("app-db-url"));
-        assert!(matches!(plan.next, Next::Fail(Error::SecretNotFound { .. })));
+        assert!(matches!(
+            plan.next,
+            Next::Fail(Error::SecretNotFound { .. })
+        ));
     }
 
     #[test]
@@ -721,6 +778,9 @@ spec:
             revisions: vec!["1".into(), "2".into()],
             head_only: false,
         };
-        assert_eq!(next_applied_revisions(&history, &seen, None), vec!["1", "2"]);
+        assert_eq!(
+            next_applied_revisions(&history, &seen, None),
+            vec!["1", "2"]
+        );
     }
 }

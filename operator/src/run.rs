@@ -111,7 +111,9 @@ pub async fn run(
         Ok(name) => {
             let _ = ctx.identity.set(name);
         }
-        Err(error) => warn!(%error, "cannot tell the operator's own user name; the webhook will judge its changes too"),
+        Err(error) => {
+            warn!(%error, "cannot tell the operator's own user name; the webhook will judge its changes too")
+        }
     }
 
     let ready = Arc::new(AtomicBool::new(false));
@@ -122,7 +124,10 @@ pub async fn run(
         let app = health_router(ctx.clone(), ready.clone());
         let stop = stopped();
         tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+            if let Err(error) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
                 warn!(%error, "metrics server stopped");
             }
         });
@@ -131,9 +136,17 @@ pub async fn run(
 
     if let Some(settings) = &config.webhook {
         let cert = load_certificate(&client, settings).await?;
-        let tls: webhook::TlsConfig = Arc::new(RwLock::new(webhook::tls_config(&cert).map_err(RunError::Tls)?));
+        let tls: webhook::TlsConfig = Arc::new(RwLock::new(
+            webhook::tls_config(&cert).map_err(RunError::Tls)?,
+        ));
         // Managed: renew before expiry. Directory: cert-manager renews the files; re-read them.
-        tokio::spawn(rotate_certificate(client.clone(), settings.clone(), tls.clone(), cert, stopped()));
+        tokio::spawn(rotate_certificate(
+            client.clone(),
+            settings.clone(),
+            tls.clone(),
+            cert,
+            stopped(),
+        ));
         let router = webhook::router(ctx.clone());
         let addr = settings.addr;
         let listener = tokio::net::TcpListener::bind(addr)
@@ -174,7 +187,10 @@ async fn wait_for_crd(client: &Client) -> Result<(), RunError> {
         {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(error)) => warn!(%error, crd = name, "cannot watch the CRD; retrying"),
-            Err(_) => warn!(crd = name, "waiting for the CRD to be installed and established (`schemagate crd | kubectl apply -f -`)"),
+            Err(_) => warn!(
+                crd = name,
+                "waiting for the CRD to be installed and established (`schemagate crd | kubectl apply -f -`)"
+            ),
         }
     }
 }
@@ -195,7 +211,10 @@ async fn whoami(client: &Client) -> Result<String, RunError> {
         .unwrap_or_default())
 }
 
-async fn load_certificate(client: &Client, settings: &WebhookSettings) -> Result<certs::ServingCert, RunError> {
+async fn load_certificate(
+    client: &Client,
+    settings: &WebhookSettings,
+) -> Result<certs::ServingCert, RunError> {
     Ok(match &settings.certificate {
         CertificateSource::Managed {
             namespace,
@@ -261,7 +280,10 @@ fn health_router(ctx: Arc<Context>, ready: Arc<AtomicBool>) -> Router {
                     if ready {
                         (http::StatusCode::OK, "ready")
                     } else {
-                        (http::StatusCode::SERVICE_UNAVAILABLE, "listing DatabaseMigrations")
+                        (
+                            http::StatusCode::SERVICE_UNAVAILABLE,
+                            "listing DatabaseMigrations",
+                        )
                     }
                 }
             }),
@@ -272,7 +294,10 @@ fn health_router(ctx: Arc<Context>, ready: Arc<AtomicBool>) -> Router {
                 let text = ctx.metrics.encode();
                 async move {
                     (
-                        [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        [(
+                            http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
                         text,
                     )
                 }

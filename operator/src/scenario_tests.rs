@@ -5,10 +5,10 @@ use crate::context::Context;
 use crate::controller::reconcile_migration;
 use crate::telemetry::Metrics;
 use http::{Request, Response};
+use kube::Client;
 use kube::client::Body;
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector;
-use kube::Client;
 use schemagate_crds::DatabaseMigration;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,10 +52,19 @@ fn not_found(what: &str) -> Response<Body> {
 }
 
 /// Answers the next request after checking its method and path.
-async fn expect(handle: &mut ApiHandle, method: &str, path: &str, answer: impl FnOnce(serde_json::Value) -> Response<Body>) -> serde_json::Value {
+async fn expect(
+    handle: &mut ApiHandle,
+    method: &str,
+    path: &str,
+    answer: impl FnOnce(serde_json::Value) -> Response<Body>,
+) -> serde_json::Value {
     let (request, send) = handle.next_request().await.expect("a request");
     assert_eq!(request.method().as_str(), method, "{}", request.uri());
-    assert!(request.uri().path() == path, "expected {method} {path}, got {}", request.uri());
+    assert!(
+        request.uri().path() == path,
+        "expected {method} {path}, got {}",
+        request.uri()
+    );
     let bytes = request.into_body().collect_bytes().await.unwrap();
     let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
     send.send_response(answer(body.clone()));
@@ -63,16 +72,30 @@ async fn expect(handle: &mut ApiHandle, method: &str, path: &str, answer: impl F
 }
 
 fn migration() -> Arc<DeserializeGuard<DatabaseMigration>> {
-    Arc::new(DeserializeGuard(Ok(crate::testing::migration_from_yaml(MIGRATION))))
+    Arc::new(DeserializeGuard(Ok(crate::testing::migration_from_yaml(
+        MIGRATION,
+    ))))
 }
 
 #[tokio::test]
 async fn missing_secret_sets_a_condition_and_a_warning_event() {
     let (ctx, mut handle) = context();
     let verifier = tokio::spawn(async move {
-        expect(&mut handle, "GET", "/api/v1/namespaces/prod/secrets/app-db-url", |_| not_found("secret")).await;
+        expect(
+            &mut handle,
+            "GET",
+            "/api/v1/namespaces/prod/secrets/app-db-url",
+            |_| not_found("secret"),
+        )
+        .await;
         let job = crate::job::job_name(&crate::testing::migration_from_yaml(MIGRATION));
-        expect(&mut handle, "GET", &format!("/apis/batch/v1/namespaces/prod/jobs/{job}"), |_| not_found("job")).await;
+        expect(
+            &mut handle,
+            "GET",
+            &format!("/apis/batch/v1/namespaces/prod/jobs/{job}"),
+            |_| not_found("job"),
+        )
+        .await;
         expect(&mut handle, "GET", "/apis/batch/v1/namespaces/prod/jobs", |_| {
             json(200, serde_json::json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}))
         })
@@ -95,13 +118,22 @@ async fn missing_secret_sets_a_condition_and_a_warning_event() {
         assert_eq!(ready["status"], "False");
         assert_eq!(ready["reason"], "SecretNotFound");
         assert_eq!(status["status"]["phase"], "Pending");
-        let event = expect(&mut handle, "POST", "/apis/events.k8s.io/v1/namespaces/prod/events", |body| json(201, body)).await;
+        let event = expect(
+            &mut handle,
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/prod/events",
+            |body| json(201, body),
+        )
+        .await;
         assert_eq!(event["type"], "Warning");
         assert_eq!(event["reason"], "SecretNotFound");
         assert!(event["note"].as_str().unwrap().contains("app-db-url"));
     });
     let result = reconcile_migration(migration(), ctx).await;
-    assert!(matches!(result, Err(crate::error::Error::SecretNotFound { .. })));
+    assert!(matches!(
+        result,
+        Err(crate::error::Error::SecretNotFound { .. })
+    ));
     tokio::time::timeout(Duration::from_secs(1), verifier)
         .await
         .expect("every expected API call was made")
@@ -119,7 +151,13 @@ async fn unreachable_database_creates_no_job() {
         })
         .await;
         let job = crate::job::job_name(&crate::testing::migration_from_yaml(MIGRATION));
-        expect(&mut handle, "GET", &format!("/apis/batch/v1/namespaces/prod/jobs/{job}"), |_| not_found("job")).await;
+        expect(
+            &mut handle,
+            "GET",
+            &format!("/apis/batch/v1/namespaces/prod/jobs/{job}"),
+            |_| not_found("job"),
+        )
+        .await;
         expect(&mut handle, "GET", "/apis/batch/v1/namespaces/prod/jobs", |_| {
             json(200, serde_json::json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}))
         })
@@ -130,10 +168,22 @@ async fn unreachable_database_creates_no_job() {
         .await;
         let status = expect(&mut handle, "PATCH", "/apis/schemagate.dev/v1alpha1/namespaces/prod/databasemigrations/app-db/status", |body| json(200, serde_json::json!({"apiVersion": "schemagate.dev/v1alpha1", "kind": "DatabaseMigration", "metadata": {"name": "app-db"}, "spec": serde_yaml::from_str::<serde_json::Value>(MIGRATION).unwrap()["spec"], "status": body["status"]}))).await;
         let text = status.to_string();
-        assert!(!text.contains("s3cret-pw"), "password leaked into status: {text}");
-        let event = expect(&mut handle, "POST", "/apis/events.k8s.io/v1/namespaces/prod/events", |body| json(201, body)).await;
+        assert!(
+            !text.contains("s3cret-pw"),
+            "password leaked into status: {text}"
+        );
+        let event = expect(
+            &mut handle,
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/prod/events",
+            |body| json(201, body),
+        )
+        .await;
         assert_eq!(event["type"], "Warning");
-        assert!(!event.to_string().contains("s3cret-pw"), "password leaked into an Event");
+        assert!(
+            !event.to_string().contains("s3cret-pw"),
+            "password leaked into an Event"
+        );
     });
     let result = reconcile_migration(migration(), ctx).await;
     assert!(result.is_err());

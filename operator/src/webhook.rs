@@ -15,8 +15,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use kube::runtime::reflector::ObjectRef;
-use std::time::Duration;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use std::time::Instant;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -34,9 +34,10 @@ pub const PATH: &str = "/mutate-deployments";
 pub type TlsConfig = Arc<RwLock<Arc<ServerConfig>>>;
 
 pub fn tls_config(cert: &ServingCert) -> Result<Arc<ServerConfig>, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("webhook certificate: {e}"))?;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("webhook certificate: {e}"))?;
     let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
         .map_err(|e| format!("webhook key: {e}"))?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
@@ -61,12 +62,18 @@ async fn mutate(
     let request: AdmissionRequest<Deployment> = match review.try_into() {
         Ok(request) => request,
         Err(error) => {
-            return Json(AdmissionResponse::invalid(format!("not an AdmissionReview: {error}")).into_review());
+            return Json(
+                AdmissionResponse::invalid(format!("not an AdmissionReview: {error}"))
+                    .into_review(),
+            );
         }
     };
     // Right after a start the DatabaseMigrations may not be listed yet: wait a moment,
     // then refuse rather than admit a Deployment unchecked.
-    if tokio::time::timeout(STORE_WAIT, ctx.migrations.wait_until_ready()).await.is_err() {
+    if tokio::time::timeout(STORE_WAIT, ctx.migrations.wait_until_ready())
+        .await
+        .is_err()
+    {
         let response = AdmissionResponse::from(&request).deny(
             "schemagate is starting and has not read the DatabaseMigrations yet; retry in a few seconds",
         );
@@ -115,7 +122,10 @@ pub fn admit(ctx: &Context, request: &AdmissionRequest<Deployment>) -> Admission
             Ok(patched) => {
                 ctx.metrics
                     .gate_changes
-                    .get_or_create(&GateLabels { action, by: "webhook" })
+                    .get_or_create(&GateLabels {
+                        action,
+                        by: "webhook",
+                    })
                     .inc();
                 if let Verdict::Held { message, .. } = &verdict {
                     tracing::info!(

@@ -1,4 +1,11 @@
 //! The committed CRD YAML (crds/generated and the chart's copy) must be what the Rust types
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step fails the test"
+)]
 //! generate: `make crds` regenerates both.
 
 use kube::CustomResourceExt;
@@ -10,7 +17,9 @@ fn generated() -> String {
 }
 
 fn committed(relative: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(relative);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -51,7 +60,10 @@ fn crd_documents_every_field_and_prints_columns() {
                 if property.get("description").is_none() && !path.contains("env") {
                     missing.push(here.clone());
                 }
-                if !here.contains(".env") && !here.contains(".resources") && !here.contains("ecurityContext") {
+                if !here.contains(".env")
+                    && !here.contains(".resources")
+                    && !here.contains("ecurityContext")
+                {
                     walk(&here, property, missing);
                 }
             }
@@ -65,5 +77,8 @@ fn crd_documents_every_field_and_prints_columns() {
     walk("", &schema["properties"]["spec"], &mut missing);
     walk("", &schema["properties"]["status"], &mut missing);
     missing.retain(|p| !p.starts_with(".conditions"));
-    assert!(missing.is_empty(), "fields without a description: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "fields without a description: {missing:?}"
+    );
 }

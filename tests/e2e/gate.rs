@@ -61,7 +61,8 @@ pub fn watch_release(
                 Event::InitDone => {
                     listed = true;
                     if seen_new.is_empty() {
-                        timeline.min_old_ready_before_new = Some(old_ready.values().filter(|r| **r).count());
+                        timeline.min_old_ready_before_new =
+                            Some(old_ready.values().filter(|r| **r).count());
                     }
                     vec![]
                 }
@@ -69,7 +70,10 @@ pub fn watch_release(
             };
             // Only the application's pods: migration Job pods carry the revision too.
             let pods = pods.into_iter().filter(|(pod, _)| {
-                pod.labels().get("app.kubernetes.io/name").map(String::as_str) == Some(DEPLOYMENT)
+                pod.labels()
+                    .get("app.kubernetes.io/name")
+                    .map(String::as_str)
+                    == Some(DEPLOYMENT)
             });
             for (pod, deleted) in pods {
                 let revision = pod.annotations().get(REVISION_ANNOTATION).cloned();
@@ -117,9 +121,13 @@ async fn v1_serving(ns: &TestNamespace) -> String {
     let url = create_postgres_database(ns.cluster(), "pw-gate-1234").await;
     url_secret(ns, "app-db-url", "url", &url).await;
     apply_manifest(ns, "examples/incident/manifests/migration-v1.yaml").await;
-    wait_for(&ns.api::<DatabaseMigration>(), "app-db", TIMEOUT, "Ready at 0001", |m| {
-        has_condition(m, "Ready", "True", "RevisionApplied")
-    })
+    wait_for(
+        &ns.api::<DatabaseMigration>(),
+        "app-db",
+        TIMEOUT,
+        "Ready at 0001",
+        |m| has_condition(m, "Ready", "True", "RevisionApplied"),
+    )
     .await;
     apply_manifest(ns, "examples/incident/manifests/app-v1.yaml").await;
     deployment_available(&ns.api(), DEPLOYMENT, TIMEOUT).await;

@@ -1,5 +1,12 @@
 //! End-to-end tests: one local control plane per run of this binary (see docs/testing.md).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step fails the test"
+)]
+
 mod cluster;
 mod gate;
 mod operator;

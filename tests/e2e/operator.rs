@@ -311,7 +311,9 @@ async fn bad_input_gets_a_clear_condition_and_event() {
 
     let wrong_password = url.replace(password, "not-the-password");
     let unreachable = format!("postgres://nobody:{password}@127.0.0.1:1/app");
-    let cases: Vec<(&str, Option<(&str, String)>, &str, &str)> = vec![
+    // (case, Secret key and value if any, expected reason, text the message must name)
+    type Case<'a> = (&'a str, Option<(&'a str, String)>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         ("missing Secret", None, "SecretNotFound", "app-db-url"),
         (
             "missing key",

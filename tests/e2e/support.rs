@@ -214,12 +214,17 @@ impl Operator {
         }))
         .expect("probe Deployment");
         let api: Api<k8s_openapi::api::apps::v1::Deployment> = namespace.api();
-        let params = kube::api::PostParams { dry_run: true, ..Default::default() };
+        let params = kube::api::PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             match api.create(&params, &probe).await {
                 Ok(_) => return,
-                Err(error) if tokio::time::Instant::now() > deadline => panic!("webhook not serving: {error}"),
+                Err(error) if tokio::time::Instant::now() > deadline => {
+                    panic!("webhook not serving: {error}")
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
@@ -280,21 +285,48 @@ async fn operator_client(namespace: &TestNamespace) -> kube::Client {
     let ns = namespace.name();
     let params = PatchParams::apply("schemagate-e2e").force();
     let account = ServiceAccount {
-        metadata: ObjectMeta { name: Some("schemagate".into()), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some("schemagate".into()),
+            ..Default::default()
+        },
         ..Default::default()
     };
-    namespace.api::<ServiceAccount>().patch("schemagate", &params, &Patch::Apply(&account)).await.expect("operator ServiceAccount");
+    namespace
+        .api::<ServiceAccount>()
+        .patch("schemagate", &params, &Patch::Apply(&account))
+        .await
+        .expect("operator ServiceAccount");
     let binding = ClusterRoleBinding {
-        metadata: ObjectMeta { name: Some(format!("schemagate-{ns}")), ..Default::default() },
-        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "ClusterRole".into(), name: "cluster-admin".into() },
-        subjects: Some(vec![Subject { kind: "ServiceAccount".into(), name: "schemagate".into(), namespace: Some(ns.to_string()), ..Default::default() }]),
+        metadata: ObjectMeta {
+            name: Some(format!("schemagate-{ns}")),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: "cluster-admin".into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: "schemagate".into(),
+            namespace: Some(ns.to_string()),
+            ..Default::default()
+        }]),
     };
     Api::<ClusterRoleBinding>::all(admin.clone())
-        .patch(&format!("schemagate-{ns}"), &params, &Patch::Apply(&binding))
+        .patch(
+            &format!("schemagate-{ns}"),
+            &params,
+            &Patch::Apply(&binding),
+        )
         .await
         .expect("operator ClusterRoleBinding");
     let request = TokenRequest {
-        spec: TokenRequestSpec { audiences: vec![], expiration_seconds: Some(3600), ..Default::default() },
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let token = namespace

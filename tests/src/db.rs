@@ -292,17 +292,17 @@ impl DatabaseServer {
     /// not stop within 20 s is killed. Idempotent.
     pub fn stop(&mut self) {
         drop(self.supervisor_stdin.take());
-        if let Some(mut supervisor) = self.supervisor.take() {
+        if let Some(mut supervisor) = self.supervisor.take()
+            && wait_with_timeout(&mut supervisor, STOP_TIMEOUT).is_none()
+        {
+            if let Some(pid) = read_pid(&self.dir.join("server.pid")) {
+                let _ = Command::new("kill")
+                    .args(["-s", "KILL", "--", &pid])
+                    .status();
+            }
             if wait_with_timeout(&mut supervisor, STOP_TIMEOUT).is_none() {
-                if let Some(pid) = read_pid(&self.dir.join("server.pid")) {
-                    let _ = Command::new("kill")
-                        .args(["-s", "KILL", "--", &pid])
-                        .status();
-                }
-                if wait_with_timeout(&mut supervisor, STOP_TIMEOUT).is_none() {
-                    let _ = supervisor.kill();
-                    let _ = supervisor.wait();
-                }
+                let _ = supervisor.kill();
+                let _ = supervisor.wait();
             }
         }
         // The supervisor removes the directory after a requested stop; a server that had
@@ -451,11 +451,11 @@ async fn wait_until_ready(server: &mut DatabaseServer) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     let url = server.admin_url();
     loop {
-        if let Some(supervisor) = server.supervisor.as_mut() {
-            if let Some(status) = supervisor.try_wait()? {
-                server.supervisor = None;
-                bail!("the server exited ({status}) before accepting connections");
-            }
+        if let Some(supervisor) = server.supervisor.as_mut()
+            && let Some(status) = supervisor.try_wait()?
+        {
+            server.supervisor = None;
+            bail!("the server exited ({status}) before accepting connections");
         }
         let attempt =
             tokio::time::timeout(Duration::from_secs(2), connect_admin(server.flavor, &url));
