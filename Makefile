@@ -3,7 +3,7 @@ CARGO ?= cargo
 CRD_FILE := crds/generated/databasemigrations.schemagate.dev.yaml
 CHART_CRD_FILE := charts/schemagate/crds/databasemigrations.schemagate.dev.yaml
 
-.PHONY: all build test lint unit e2e demo demo-down crds controlplane prerequisites
+.PHONY: all build test lint unit e2e bench demo demo-down crds controlplane prerequisites
 
 all: build
 
@@ -13,7 +13,8 @@ build:
 ## test: formatting, clippy -D warnings, unit tests and the end-to-end suite against a real
 ## local control plane, real PostgreSQL/MariaDB and real Alembic (started by the tests).
 test: lint controlplane
-	$(CARGO) test --workspace --no-fail-fast -- --include-ignored
+	$(CARGO) build -q -p schemagate --bins
+	$(CARGO) test --workspace --all-targets --no-fail-fast -- --include-ignored
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -23,6 +24,7 @@ unit:
 	$(CARGO) test --workspace --lib --bins
 
 e2e: controlplane
+	$(CARGO) build -q -p schemagate --bins
 	$(CARGO) test -p schemagate-e2e --test e2e -- --include-ignored
 
 ## controlplane: build (or find in the cache) the Kubernetes control-plane binary.
@@ -34,10 +36,18 @@ crds:
 	$(CARGO) run -q -p schemagate -- crd > $(CRD_FILE)
 	cp $(CRD_FILE) $(CHART_CRD_FILE)
 
-## demo: the incident replayed on the local control plane (see README).
+## demo: the incident replayed on the local control plane (see README); demo-down stops it.
 demo: controlplane
 	$(CARGO) build -q -p schemagate -p schemagate-e2e --bins
 	examples/incident/demo.sh
+
+demo-down:
+	examples/incident/demo-down.sh
+
+## bench: gate release latency, webhook admission latency and the backstop's early pods.
+bench: controlplane
+	$(CARGO) build -q -p schemagate --bins
+	$(CARGO) run -q -p schemagate-e2e --bin schemagate-bench
 
 ## prerequisites: Debian packages and Python tools the tests and the demo need.
 prerequisites:

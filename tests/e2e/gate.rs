@@ -3,137 +3,11 @@
 //! version keeps serving meanwhile.
 
 use crate::support::*;
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::watcher::{self, Event};
 use schemagate_crds::{DatabaseMigration, HELD_FOR_ANNOTATION, REVISION_ANNOTATION};
 use schemagate_e2e::harness::{TestNamespace, deployment_available, namespace, wait_for};
-use std::collections::BTreeMap;
-use std::time::Duration;
-use tokio::sync::oneshot;
-
-const TIMEOUT: Duration = Duration::from_secs(120);
-const DEPLOYMENT: &str = "admin-dashboard";
-
-/// What a watch on the namespace's pods saw while a release went on.
-#[derive(Debug, Default)]
-pub struct Timeline {
-    /// What `alembic_version` held when the first pod of the new revision appeared.
-    pub revision_at_first_new_pod: Option<Option<String>>,
-    /// New-revision pods seen before the database held that revision.
-    pub early_pods: usize,
-    /// The fewest Ready old-revision pods at any moment before the first new pod.
-    pub min_old_ready_before_new: Option<usize>,
-}
-
-/// Watches pods until told to stop: every pod of `new_revision` is checked against the
-/// database at the moment it is first seen.
-pub fn watch_release(
-    namespace: &TestNamespace,
-    url: String,
-    old_revision: &str,
-    new_revision: &str,
-) -> (oneshot::Sender<()>, tokio::task::JoinHandle<Timeline>) {
-    let pods: Api<Pod> = namespace.api();
-    let (stop, mut stopped) = oneshot::channel::<()>();
-    let old_revision = old_revision.to_string();
-    let new_revision = new_revision.to_string();
-    let task = tokio::spawn(async move {
-        let mut timeline = Timeline::default();
-        let mut seen_new: std::collections::HashSet<String> = Default::default();
-        let mut old_ready: BTreeMap<String, bool> = BTreeMap::new();
-        // Counted only once the initial list is complete: during it, pods arrive one by one.
-        let mut listed = false;
-        let stream = watcher::watcher(pods, watcher::Config::default());
-        futures::pin_mut!(stream);
-        loop {
-            let event = tokio::select! {
-                event = stream.next() => event,
-                _ = &mut stopped => break,
-            };
-            let Some(Ok(event)) = event else { continue };
-            let pods = match event {
-                Event::Apply(pod) | Event::InitApply(pod) => vec![(pod, false)],
-                Event::Delete(pod) => vec![(pod, true)],
-                Event::InitDone => {
-                    listed = true;
-                    if seen_new.is_empty() {
-                        timeline.min_old_ready_before_new =
-                            Some(old_ready.values().filter(|r| **r).count());
-                    }
-                    vec![]
-                }
-                Event::Init => vec![],
-            };
-            // Only the application's pods: migration Job pods carry the revision too.
-            let pods = pods.into_iter().filter(|(pod, _)| {
-                pod.labels()
-                    .get("app.kubernetes.io/name")
-                    .map(String::as_str)
-                    == Some(DEPLOYMENT)
-            });
-            for (pod, deleted) in pods {
-                let revision = pod.annotations().get(REVISION_ANNOTATION).cloned();
-                if revision.as_deref() == Some(new_revision.as_str())
-                    && !seen_new.contains(&pod.name_any())
-                {
-                    seen_new.insert(pod.name_any());
-                    let in_database = alembic_version(&url).await;
-                    if timeline.revision_at_first_new_pod.is_none() {
-                        timeline.revision_at_first_new_pod = Some(in_database.clone());
-                    }
-                    if in_database.as_deref() != Some(new_revision.as_str()) {
-                        timeline.early_pods += 1;
-                    }
-                } else if revision.as_deref() == Some(old_revision.as_str()) {
-                    let ready = !deleted
-                        && pod.metadata.deletion_timestamp.is_none()
-                        && pod
-                            .status
-                            .as_ref()
-                            .and_then(|s| s.conditions.as_ref())
-                            .is_some_and(|c| {
-                                c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-                            });
-                    old_ready.insert(pod.name_any(), ready);
-                    if seen_new.is_empty() && listed {
-                        let count = old_ready.values().filter(|r| **r).count();
-                        timeline.min_old_ready_before_new = Some(
-                            timeline
-                                .min_old_ready_before_new
-                                .map_or(count, |m| m.min(count)),
-                        );
-                    }
-                }
-            }
-        }
-        timeline
-    });
-    (stop, task)
-}
-
-/// v1 serving: its migration to 0001 applied and two Ready pods.
-async fn v1_serving(ns: &TestNamespace) -> String {
-    prepare(ns.cluster()).await;
-    let url = create_postgres_database(ns.cluster(), "pw-gate-1234").await;
-    url_secret(ns, "app-db-url", "url", &url).await;
-    apply_manifest(ns, "examples/incident/manifests/migration-v1.yaml").await;
-    wait_for(
-        &ns.api::<DatabaseMigration>(),
-        "app-db",
-        TIMEOUT,
-        "Ready at 0001",
-        |m| has_condition(m, "Ready", "True", "RevisionApplied"),
-    )
-    .await;
-    apply_manifest(ns, "examples/incident/manifests/app-v1.yaml").await;
-    deployment_available(&ns.api(), DEPLOYMENT, TIMEOUT).await;
-    assert_eq!(alembic_version(&url).await.as_deref(), Some("0001"));
-    url
-}
 
 fn held_for(deployment: &Deployment) -> Option<&String> {
     deployment.annotations().get(HELD_FOR_ANNOTATION)
@@ -157,15 +31,6 @@ async fn replica_sets_of_revision(ns: &TestNamespace, revision: &str) -> usize {
                 == Some(revision)
         })
         .count()
-}
-
-/// Applies v2 and its migration together, watches the release, and returns what was seen.
-async fn release_v2(ns: &TestNamespace, url: &str) -> Timeline {
-    let (stop, watch) = watch_release(ns, url.to_string(), "0001", "0002");
-    apply_manifest(ns, "examples/incident/manifests/release-v2.yaml").await;
-    deployment_available(&ns.api(), DEPLOYMENT, TIMEOUT).await;
-    let _ = stop.send(());
-    watch.await.unwrap()
 }
 
 #[tokio::test]

@@ -21,8 +21,10 @@ use crate::pki::{self, Pki};
 pub const IMAGES_NAMESPACE: &str = "schemagate-test-images";
 /// Label that marks a ConfigMap in [`IMAGES_NAMESPACE`] as an image-map entry.
 pub const IMAGE_LABEL: &str = "schemagate.dev/test-image";
-/// Service ClusterIP range; the `kubernetes` Service gets its first address.
-pub const SERVICE_CIDR: &str = "10.0.0.0/24";
+/// Service ClusterIP range; the `kubernetes` Service gets its first address. Inside
+/// 198.18.0.0/15 (RFC 2544, like the pod addresses) rather than a private range: nothing
+/// routes ClusterIPs here, and no test may address a private network by mistake.
+pub const SERVICE_CIDR: &str = "198.19.255.0/24";
 
 /// Controllers the controller-manager runs. `node-lifecycle-controller` and
 /// `taint-eviction-controller` are left out on purpose: without kubelet heartbeats they

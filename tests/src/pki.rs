@@ -27,7 +27,7 @@ pub struct Pki {
 const SERVING_NAMES: &[&str] = &[
     "localhost",
     "127.0.0.1",
-    "10.0.0.1",
+    "198.19.255.1",
     "kubernetes",
     "kubernetes.default",
     "kubernetes.default.svc",

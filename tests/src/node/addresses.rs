@@ -47,9 +47,10 @@ impl PodAddresses {
             String::from_utf8_lossy(&output.stderr)
         );
         let listing = String::from_utf8_lossy(&output.stdout);
-        let start = fastrand::u16(0..512);
-        for offset in 0..512u16 {
-            let n = (start + offset) % 512;
+        // The last /24 (198.19.255.0/24) is the Service range (cluster::SERVICE_CIDR).
+        let start = fastrand::u16(0..511);
+        for offset in 0..511u16 {
+            let n = (start + offset) % 511;
             let prefix = [198, 18 + u8::from(n >= 256), (n % 256) as u8];
             let needle = format!(" {}.{}.{}.", prefix[0], prefix[1], prefix[2]);
             if !listing.contains(&needle) {
