@@ -53,7 +53,8 @@ current-context: schemagate
 KCFG
 KUBECONFIG=$demo/operator.kubeconfig POD_NAMESPACE=schemagate-system nohup "$bin/schemagate" run \
   --webhook-addr "127.0.0.1:$webhook_port" --webhook-cert-ip 127.0.0.1 \
-  --webhook-config-name schemagate --metrics-addr "127.0.0.1:$metrics_port" \
+  --webhook-config-name schemagate --webhook-cert-secret schemagate-webhook-cert \
+  --metrics-addr "127.0.0.1:$metrics_port" \
   </dev/null >"$demo/operator.log" 2>&1 &
 echo $! > "$demo/operator.pid"
 until curl -sf "http://127.0.0.1:$metrics_port/readyz" >/dev/null; do

@@ -53,4 +53,22 @@ impl Context {
     pub fn now(&self) -> Timestamp {
         (self.clock)()
     }
+
+    /// Whether the DatabaseMigrations are listed, waiting at most `limit`. Polls in short
+    /// slices: the store's readiness future wakes only its latest waiter, so a wait next to
+    /// the controller's own would otherwise never end.
+    pub async fn migrations_listed(&self, limit: std::time::Duration) -> bool {
+        let slice = std::time::Duration::from_millis(50);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Ok(result) =
+                tokio::time::timeout(slice, self.migrations.wait_until_ready()).await
+            {
+                return result.is_ok();
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
 }

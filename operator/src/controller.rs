@@ -358,7 +358,7 @@ pub async fn run_controllers(
         .run(reconcile_migration, migration_error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(error) = result {
-                tracing::debug!(%error, "migration controller");
+                warn!(%error, "migration controller");
             }
         });
 
@@ -386,7 +386,7 @@ pub async fn run_controllers(
         .run(reconcile_gate, gate_error_policy, ctx)
         .for_each(|result| async move {
             if let Err(error) = result {
-                tracing::debug!(%error, "gate controller");
+                warn!(%error, "gate controller");
             }
         });
 

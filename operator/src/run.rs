@@ -160,13 +160,12 @@ pub async fn run(
         });
     }
 
-    let store = ctx.migrations.clone();
     let ready_flag = ready.clone();
+    let ready_ctx = ctx.clone();
     tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            ready_flag.store(true, Ordering::SeqCst);
-            info!("DatabaseMigrations listed: ready");
-        }
+        while !ready_ctx.migrations_listed(Duration::from_secs(3600)).await {}
+        ready_flag.store(true, Ordering::SeqCst);
+        info!("DatabaseMigrations listed: ready");
     });
     info!(namespace = ?config.controller.namespace, concurrency = config.controller.concurrency, "controllers starting");
     run_controllers(ctx, controller, &config.controller, stopped).await;
