@@ -328,3 +328,74 @@ async fn twenty_releases_with_the_webhook_start_no_early_pod() {
         "{runs:?}"
     );
 }
+
+/// With the operator down (nothing answers the webhook), a Deployment that did not opt in
+/// is admitted and rolls out in any namespace; an opted-in one is refused, never admitted
+/// unchecked (failurePolicy Fail, as the chart sets it).
+#[tokio::test]
+async fn operator_outage_never_blocks_deployments_that_did_not_opt_in() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let ns = namespace("outage").await;
+    let dead_port = schemagate_e2e::cluster::free_port().unwrap();
+    // The chart's configuration, cluster-wide, except that it matches only this test's
+    // label value so that parallel tests are not refused meanwhile.
+    let marker = ns.name().to_string();
+    let name = format!("schemagate-outage-{marker}");
+    let config: MutatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "deployments.schemagate.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "failurePolicy": "Fail", "timeoutSeconds": 5,
+            "clientConfig": {"url": format!("https://127.0.0.1:{dead_port}/mutate-deployments")},
+            "rules": [{"apiGroups": ["apps"], "apiVersions": ["v1"], "resources": ["deployments"], "operations": ["CREATE", "UPDATE"]}],
+            "namespaceSelector": {"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system"]}]},
+            "objectSelector": {"matchExpressions": [{"key": "schemagate.dev/migration", "operator": "In", "values": [marker]}]},
+            "matchConditions": [{"name": "opted-in", "expression": "has(object.metadata.labels) && 'schemagate.dev/migration' in object.metadata.labels"}]
+        }]
+    }))
+    .unwrap();
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(ns.cluster().client());
+    configs
+        .patch(
+            &name,
+            &PatchParams::apply("schemagate-e2e").force(),
+            &Patch::Apply(&config),
+        )
+        .await
+        .unwrap();
+
+    let plain = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: unrelated }
+spec:
+  replicas: 2
+  selector: { matchLabels: { app: unrelated } }
+  template:
+    metadata: { labels: { app: unrelated } }
+    spec: { containers: [{ name: c, image: registry.example/unrelated:1 }] }
+"#;
+    apply_yaml(&ns, plain).await;
+    deployment_available(&ns.api(), "unrelated", TIMEOUT).await;
+
+    let opted_in: Deployment = serde_yaml::from_str(
+        &plain
+            .replace(
+                "name: unrelated }",
+                &format!("name: gated, labels: {{ schemagate.dev/migration: {marker} }} }}"),
+            )
+            .replace("app: unrelated", "app: gated"),
+    )
+    .unwrap();
+    let refused = ns
+        .api::<Deployment>()
+        .create(&Default::default(), &opted_in)
+        .await
+        .expect_err("an opted-in Deployment is not admitted unchecked");
+    let _ = configs.delete(&name, &Default::default()).await;
+    assert!(
+        refused.to_string().contains("deployments.schemagate.dev"),
+        "{refused}"
+    );
+}
