@@ -18,4 +18,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 python3 -m pip install -q --disable-pip-version-check -r "$here/tests/requirements.txt"
+# Under pyenv, new console scripts (alembic) need their shims.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+command -v alembic >/dev/null || { echo "prerequisites: alembic is not on PATH after pip install" >&2; exit 1; }
 echo "prerequisites: ready"

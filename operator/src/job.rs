@@ -200,23 +200,7 @@ fn non_empty(items: &[String]) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::migration_from_yaml;
-
-    const MIGRATION: &str = r#"
-apiVersion: schemagate.dev/v1alpha1
-kind: DatabaseMigration
-metadata: { name: app-db, namespace: prod, uid: 1b4e28ba-2fa1-11d2-883f-0016d3cca427, generation: 3 }
-spec:
-  database:
-    engine: postgres
-    urlSecretRef: { name: app-db-url, key: url }
-    tracking: { tool: alembic }
-  migrator:
-    image: registry.example/app:4515ca8
-    command: [alembic, upgrade, head]
-    env: [{ name: DATABASE_URL, value: "postgres://nobody:leak@example/x" }, { name: LOG, value: debug }]
-  revision: "0002"
-"#;
+    use crate::testing::{MIGRATION, migration_from_yaml};
 
     #[test]
     fn job_name_is_deterministic_and_changes_with_revision_and_retry() {

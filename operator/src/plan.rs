@@ -530,22 +530,7 @@ impl Draft<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::migration_from_yaml;
-
-    const MIGRATION: &str = r#"
-apiVersion: schemagate.dev/v1alpha1
-kind: DatabaseMigration
-metadata: { name: app-db, namespace: prod, uid: 1b4e28ba-2fa1-11d2-883f-0016d3cca427, generation: 2 }
-spec:
-  database:
-    engine: postgres
-    urlSecretRef: { name: app-db-url, key: url }
-    tracking: { tool: alembic }
-  migrator:
-    image: registry.example/app:v2
-    command: [alembic, upgrade, head]
-  revision: "0002"
-"#;
+    use crate::testing::{MIGRATION, migration_from_yaml};
 
     fn now() -> Timestamp {
         "2026-11-24T10:00:00Z".parse().unwrap()
@@ -592,7 +577,7 @@ spec:
         assert_eq!(plan.status.phase, Some(Phase::Succeeded));
         assert_eq!(plan.status.applied_revision.as_deref(), Some("0002"));
         assert_eq!(condition(&plan, READY).status, "True");
-        assert_eq!(condition(&plan, READY).observed_generation, Some(2));
+        assert_eq!(condition(&plan, READY).observed_generation, Some(3));
         assert_eq!(plan.status.history[0].result, "Adopted");
         assert_eq!(plan.notes[0].reason, "RevisionAdopted");
         assert!(matches!(plan.next, Next::Requeue(d) if d == DEFAULT_DRIFT_CHECK));

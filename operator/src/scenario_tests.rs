@@ -71,6 +71,27 @@ async fn expect(
     body
 }
 
+/// After the Secret: the attempt's Job (none yet), other Jobs on the database, and the
+/// opted-in Deployments.
+async fn expect_job_and_deployment_reads(handle: &mut ApiHandle) {
+    let job = crate::job::job_name(&crate::testing::migration_from_yaml(MIGRATION));
+    expect(
+        handle,
+        "GET",
+        &format!("/apis/batch/v1/namespaces/prod/jobs/{job}"),
+        |_| not_found("job"),
+    )
+    .await;
+    expect(handle, "GET", "/apis/batch/v1/namespaces/prod/jobs", |_| {
+        json(200, serde_json::json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}))
+    })
+    .await;
+    expect(handle, "GET", "/apis/apps/v1/namespaces/prod/deployments", |_| {
+        json(200, serde_json::json!({"kind": "DeploymentList", "apiVersion": "apps/v1", "metadata": {}, "items": []}))
+    })
+    .await;
+}
+
 fn migration() -> Arc<DeserializeGuard<DatabaseMigration>> {
     Arc::new(DeserializeGuard(Ok(crate::testing::migration_from_yaml(
         MIGRATION,
@@ -88,22 +109,7 @@ async fn missing_secret_sets_a_condition_and_a_warning_event() {
             |_| not_found("secret"),
         )
         .await;
-        let job = crate::job::job_name(&crate::testing::migration_from_yaml(MIGRATION));
-        expect(
-            &mut handle,
-            "GET",
-            &format!("/apis/batch/v1/namespaces/prod/jobs/{job}"),
-            |_| not_found("job"),
-        )
-        .await;
-        expect(&mut handle, "GET", "/apis/batch/v1/namespaces/prod/jobs", |_| {
-            json(200, serde_json::json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}))
-        })
-        .await;
-        expect(&mut handle, "GET", "/apis/apps/v1/namespaces/prod/deployments", |_| {
-            json(200, serde_json::json!({"kind": "DeploymentList", "apiVersion": "apps/v1", "metadata": {}, "items": []}))
-        })
-        .await;
+        expect_job_and_deployment_reads(&mut handle).await;
         let status = expect(&mut handle, "PATCH", "/apis/schemagate.dev/v1alpha1/namespaces/prod/databasemigrations/app-db/status", |body| {
             json(200, serde_json::json!({"apiVersion": "schemagate.dev/v1alpha1", "kind": "DatabaseMigration", "metadata": {"name": "app-db", "namespace": "prod"}, "spec": serde_yaml::from_str::<serde_json::Value>(MIGRATION).unwrap()["spec"], "status": body["status"]}))
         })
@@ -150,22 +156,7 @@ async fn unreachable_database_creates_no_job() {
             json(200, serde_json::json!({"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "app-db-url"}, "data": {"url": encode(url)}}))
         })
         .await;
-        let job = crate::job::job_name(&crate::testing::migration_from_yaml(MIGRATION));
-        expect(
-            &mut handle,
-            "GET",
-            &format!("/apis/batch/v1/namespaces/prod/jobs/{job}"),
-            |_| not_found("job"),
-        )
-        .await;
-        expect(&mut handle, "GET", "/apis/batch/v1/namespaces/prod/jobs", |_| {
-            json(200, serde_json::json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}))
-        })
-        .await;
-        expect(&mut handle, "GET", "/apis/apps/v1/namespaces/prod/deployments", |_| {
-            json(200, serde_json::json!({"kind": "DeploymentList", "apiVersion": "apps/v1", "metadata": {}, "items": []}))
-        })
-        .await;
+        expect_job_and_deployment_reads(&mut handle).await;
         let status = expect(&mut handle, "PATCH", "/apis/schemagate.dev/v1alpha1/namespaces/prod/databasemigrations/app-db/status", |body| json(200, serde_json::json!({"apiVersion": "schemagate.dev/v1alpha1", "kind": "DatabaseMigration", "metadata": {"name": "app-db"}, "spec": serde_yaml::from_str::<serde_json::Value>(MIGRATION).unwrap()["spec"], "status": body["status"]}))).await;
         let text = status.to_string();
         assert!(
