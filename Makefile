@@ -3,7 +3,7 @@ CARGO ?= cargo
 CRD_FILE := crds/generated/databasemigrations.schemagate.dev.yaml
 CHART_CRD_FILE := charts/schemagate/crds/databasemigrations.schemagate.dev.yaml
 
-.PHONY: all build test lint unit e2e bench demo demo-down crds controlplane prerequisites
+.PHONY: all build test lint unit e2e bench demo demo-down crds controlplane helm prerequisites
 
 all: build
 
@@ -12,7 +12,7 @@ build:
 
 ## test: formatting, clippy -D warnings, unit tests and the end-to-end suite against a real
 ## local control plane, real PostgreSQL/MariaDB and real Alembic (started by the tests).
-test: lint controlplane
+test: lint controlplane helm
 	$(CARGO) build -q -p schemagate --bins
 	$(CARGO) test --workspace --all-targets --no-fail-fast -- --include-ignored
 
@@ -23,13 +23,17 @@ lint:
 unit:
 	$(CARGO) test --workspace --lib --bins
 
-e2e: controlplane
+e2e: controlplane helm
 	$(CARGO) build -q -p schemagate --bins
 	$(CARGO) test -p schemagate-e2e --test e2e -- --include-ignored
 
 ## controlplane: build (or find in the cache) the Kubernetes control-plane binary.
 controlplane:
 	tests/controlplane/build.sh >/dev/null
+
+## helm: install (or find in the cache) the Helm the chart's end-to-end test uses.
+helm:
+	tests/helm/build.sh >/dev/null
 
 ## crds: regenerate the CRD YAML from the Rust types (a test fails when they drift).
 crds:

@@ -7,6 +7,7 @@
     reason = "test code: a failed step fails the test"
 )]
 
+mod chart;
 mod cluster;
 mod gate;
 mod operator;
