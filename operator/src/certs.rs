@@ -7,7 +7,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::{Timestamp, ToSpan, tz::TimeZone};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -187,17 +187,46 @@ pub async fn ensure(
                 ])),
                 ..Default::default()
             };
-            secrets
-                .patch(
-                    secret_name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&secret),
-                )
-                .await
-                .map_err(|source| CertError::Kube {
-                    action: format!("write Secret {secret_name}"),
-                    source,
-                })?;
+            // Created or replaced only from the version read: with several replicas, one
+            // writes and the others take what it wrote, so all serve the same certificate.
+            let written = match &existing {
+                None => secrets.create(&PostParams::default(), &secret).await,
+                Some(current) => {
+                    let mut secret = secret;
+                    secret.metadata.resource_version = current.metadata.resource_version.clone();
+                    secrets
+                        .replace(secret_name, &PostParams::default(), &secret)
+                        .await
+                }
+            };
+            match written {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    let stored =
+                        secrets
+                            .get(secret_name)
+                            .await
+                            .map_err(|source| CertError::Kube {
+                                action: format!("get Secret {secret_name}"),
+                                source,
+                            })?;
+                    let cert = usable(&stored, names, now).ok_or_else(|| {
+                        CertError::Read(format!(
+                            "Secret {secret_name} was changed meanwhile and holds no usable certificate"
+                        ))
+                    })?;
+                    if let Some(config) = webhook_config {
+                        patch_ca_bundle(client, config, &cert.ca_bundle_pem).await?;
+                    }
+                    return Ok(cert);
+                }
+                Err(source) => {
+                    return Err(CertError::Kube {
+                        action: format!("write Secret {secret_name}"),
+                        source,
+                    });
+                }
+            }
             tracing::info!(secret = secret_name, %not_after, "made a new webhook serving certificate");
             cert
         }

@@ -740,6 +740,16 @@ mod tests {
     }
 
     #[test]
+    fn suspended_starts_no_job_but_still_reports_the_database() {
+        let mut migration = migration_from_yaml(MIGRATION);
+        migration.spec.suspend = true;
+        let plan = plan(&migration, observed(Ok(heads(&["0001"])), None), now());
+        assert!(plan.create_job.is_none());
+        assert_eq!(condition(&plan, READY).reason, "Suspended");
+        assert_eq!(plan.status.applied_revision.as_deref(), Some("0001"));
+    }
+
+    #[test]
     fn waits_for_another_migration_of_the_same_database() {
         let migration = migration_from_yaml(MIGRATION);
         let mut seen = observed(Ok(heads(&["0001"])), None);

@@ -490,3 +490,54 @@ async fn password_never_reaches_the_job_spec() {
     let log = String::from_utf8_lossy(&operator_log().lock().unwrap()).to_string();
     assert!(!log.contains(password), "password in the operator log");
 }
+
+/// A database taken back below the revision (a restore, a manual downgrade) is noticed at
+/// the next drift check: Drifted, not Ready, and Deployments needing the revision are held
+/// again.
+#[tokio::test]
+async fn drift_is_noticed_and_rollouts_are_held_again() {
+    let ns = namespace("drift").await;
+    let url = create_postgres_database(ns.cluster(), "pw-drift-4711").await;
+    url_secret(&ns, "app-db-url", "url", &url).await;
+    alembic(&url, &["upgrade", "head"]).await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: true }).await;
+    let mut yaml = migration_yaml(APP_V2, r#"["alembic", "upgrade", "head"]"#, "0002");
+    yaml.push_str("  driftCheckInterval: 1s\n");
+    apply_migration(&ns, &yaml).await;
+    let migrations: Api<DatabaseMigration> = ns.api();
+    wait_for(&migrations, "app-db", MIGRATION_TIMEOUT, "Ready", |m| {
+        has_condition(m, "Ready", "True", "RevisionApplied")
+    })
+    .await;
+
+    alembic(&url, &["downgrade", "0001"]).await;
+    let drifted = wait_for(&migrations, "app-db", MIGRATION_TIMEOUT, "Drifted", |m| {
+        has_condition(m, "Drifted", "True", "RevisionMissing")
+    })
+    .await;
+    assert_eq!(condition(&drifted, "Ready").unwrap().status, "False");
+    let message = &condition(&drifted, "Drifted").unwrap().message;
+    assert!(
+        message.contains("revision 0001") && message.contains("0002"),
+        "{message}"
+    );
+    assert!(
+        jobs(&ns.api()).await.is_empty(),
+        "drift alone starts no migration"
+    );
+
+    // A new rollout needing 0002 is held again.
+    apply_manifest(&ns, "examples/incident/manifests/app-v2.yaml").await;
+    let deployment: k8s_openapi::api::apps::v1::Deployment =
+        ns.api().get("admin-dashboard").await.unwrap();
+    assert_eq!(deployment.spec.unwrap().paused, Some(true));
+    assert_eq!(
+        deployment
+            .metadata
+            .annotations
+            .unwrap()
+            .get(schemagate_crds::HELD_FOR_ANNOTATION)
+            .map(String::as_str),
+        Some("0002")
+    );
+}
