@@ -13,7 +13,7 @@ ns=incident
 mkdir -p "$demo"
 
 t0=$(date +%s.%N)
-say() { printf '\n\033[1m[%5.1fs] %s\033[0m\n' "$(echo "$(date +%s.%N) - $t0" | bc)" "$*"; }
+say() { printf '\n\033[1m[%5.1fs] %s\033[0m\n' "$(awk -v now="$(date +%s.%N)" -v start="$t0" 'BEGIN { print now - start }')" "$*"; }
 note() { printf '         %s\n' "$*"; }
 
 # Stop a previous demo, then start the control plane, test node and PostgreSQL.

@@ -61,13 +61,7 @@ async fn the_incident_replayed_v2_waits_for_its_columns() {
     let deployment: Deployment = ns.api().get(DEPLOYMENT).await.unwrap();
     assert!(held_for(&deployment).is_none(), "released: marker removed");
     assert_ne!(deployment.spec.unwrap().paused, Some(true));
-    let events = events_for(&ns, DEPLOYMENT).await;
-    assert!(
-        events
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("RolloutReleased")),
-        "{events:?}"
-    );
+    await_event(&ns, DEPLOYMENT, "Normal", "RolloutReleased").await;
 }
 
 #[tokio::test]
@@ -166,11 +160,7 @@ async fn failed_migration_keeps_v2_held_and_v1_serving_until_fixed() {
         Some(2),
         "v1 keeps serving"
     );
-    let events = events_for(&ns, DEPLOYMENT).await;
-    let held_event = events
-        .iter()
-        .find(|e| e.reason.as_deref() == Some("RolloutHeld"))
-        .unwrap_or_else(|| panic!("no RolloutHeld Event: {events:?}"));
+    let held_event = await_event(&ns, DEPLOYMENT, "Normal", "RolloutHeld").await;
     assert!(
         held_event
             .note

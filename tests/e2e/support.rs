@@ -745,3 +745,32 @@ pub async fn release_v2(ns: &TestNamespace, url: &str) -> Timeline {
     let _ = stop.send(());
     watch.await.unwrap()
 }
+
+/// Waits for an Event about `name` with this type and reason: Events are published after
+/// the status they explain, so a test that saw the status polls for them briefly.
+pub async fn await_event(
+    namespace: &TestNamespace,
+    name: &str,
+    type_: &str,
+    reason: &str,
+) -> k8s_openapi::api::events::v1::Event {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let events = events_for(namespace, name).await;
+        if let Some(event) = events
+            .iter()
+            .find(|e| e.type_.as_deref() == Some(type_) && e.reason.as_deref() == Some(reason))
+        {
+            return event.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {type_} Event {reason} about {name}; Events: {:?}",
+            events
+                .iter()
+                .map(|e| (e.reason.clone(), e.note.clone()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
