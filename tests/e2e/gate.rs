@@ -9,6 +9,30 @@ use kube::api::{Api, Patch, PatchParams};
 use schemagate_crds::{DatabaseMigration, HELD_FOR_ANNOTATION, REVISION_ANNOTATION};
 use schemagate_e2e::harness::{TestNamespace, deployment_available, namespace, wait_for};
 
+/// Dry-runs the manifest's Deployment until the webhook admits it without a hold.
+async fn await_admitted_unheld(ns: &TestNamespace, relative: &str) {
+    let text = std::fs::read_to_string(repo_root().join(relative)).unwrap();
+    let document = text.split("\n---").next().unwrap();
+    let deployment: Deployment = serde_yaml::from_str(document).unwrap();
+    let api: Api<Deployment> = ns.api();
+    let params = PatchParams::apply("schemagate-e2e").force().dry_run();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let result = api
+            .patch(DEPLOYMENT, &params, &Patch::Apply(&deployment))
+            .await
+            .unwrap();
+        if held_for(&result).is_none() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still held after the migration was Ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 fn held_for(deployment: &Deployment) -> Option<&String> {
     deployment.annotations().get(HELD_FOR_ANNOTATION)
 }
@@ -62,6 +86,17 @@ async fn the_incident_replayed_v2_waits_for_its_columns() {
     assert!(held_for(&deployment).is_none(), "released: marker removed");
     assert_ne!(deployment.spec.unwrap().paused, Some(true));
     await_event(&ns, DEPLOYMENT, "Normal", "RolloutReleased").await;
+
+    // `kubectl rollout undo` to v1: 0001 was seen applied before 0002, so v1 is released at
+    // once (Alembic ids need not be ordered; the seen order decides).
+    apply_manifest(&ns, "examples/incident/manifests/app-v1.yaml").await;
+    let rolled_back: Deployment = ns.api().get(DEPLOYMENT).await.unwrap();
+    assert!(
+        held_for(&rolled_back).is_none(),
+        "rollback to a satisfied revision is not held"
+    );
+    assert_ne!(rolled_back.spec.unwrap().paused, Some(true));
+    deployment_available(&ns.api(), DEPLOYMENT, TIMEOUT).await;
 }
 
 #[tokio::test]
@@ -122,8 +157,16 @@ async fn migration_first_and_deployment_later_is_never_held() {
         },
     )
     .await;
+    // The operator's cache follows the same watch a moment later: once a dry run is
+    // admitted unpaused, the real apply must be too.
+    await_admitted_unheld(&ns, "examples/incident/manifests/app-v2.yaml").await;
     let (stop, watch) = watch_release(&ns, url.clone(), "0001", "0002");
     apply_manifest(&ns, "examples/incident/manifests/app-v2.yaml").await;
+    let applied: Deployment = ns.api().get(DEPLOYMENT).await.unwrap();
+    assert!(
+        held_for(&applied).is_none(),
+        "a satisfied requirement is not held"
+    );
     deployment_available(&ns.api(), DEPLOYMENT, TIMEOUT).await;
     let _ = stop.send(());
     let timeline = watch.await.unwrap();
