@@ -136,7 +136,7 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
     if satisfied {
         return draft.satisfied(observed.job.as_ref(), drift_interval);
     }
-    if was_ready_for_this_generation(migration, &previous)
+    if satisfied_before(migration, &previous)
         && !matches!(
             observed.job.as_ref().map(|j| &j.state),
             Some(JobState::Active)
@@ -249,12 +249,20 @@ pub fn next_applied_revisions(
     revisions
 }
 
-fn was_ready_for_this_generation(
-    migration: &DatabaseMigration,
-    previous: &DatabaseMigrationStatus,
-) -> bool {
-    is_true(&previous.conditions, READY)
-        && previous.observed_generation == migration.metadata.generation
+/// Whether the database already reported the revision for the current attempt (this
+/// generation, or this retry). Read from the history, which a passing probe error does not
+/// change: a database that drifts during an outage is still reported as drifted, and not
+/// migrated again without a retry.
+fn satisfied_before(migration: &DatabaseMigration, previous: &DatabaseMigrationStatus) -> bool {
+    let requested_by = job::requested_by(migration);
+    let recorded = previous.history.iter().any(|h| {
+        h.revision == migration.spec.revision
+            && h.result != "Failed"
+            && h.requested_by.as_deref() == Some(requested_by.as_str())
+    });
+    let ready = is_true(&previous.conditions, READY)
+        && previous.observed_generation == migration.metadata.generation;
+    recorded || ready
 }
 
 /// The status being written, with the helpers that fill it in for each outcome.
@@ -409,11 +417,12 @@ impl Draft<'_> {
                 );
             }
             None => {
-                let adopted = self
-                    .status
-                    .history
-                    .iter()
-                    .any(|h| h.revision == revision && h.result != "Failed");
+                let requested_by = job::requested_by(self.migration);
+                let adopted = self.status.history.iter().any(|h| {
+                    h.revision == revision
+                        && h.result != "Failed"
+                        && h.requested_by.as_deref() == Some(requested_by.as_str())
+                });
                 if !adopted {
                     let entry = self.history_entry(None, "Adopted");
                     let _ = self.push_history(entry);
@@ -732,6 +741,13 @@ mod tests {
         let mut migration = migration_from_yaml(MIGRATION);
         let ready = plan(&migration, observed(Ok(heads(&["0002"])), None), now());
         migration.status = Some(ready.status);
+        // A passing probe error in between does not make the drift look like a new attempt.
+        let outage = plan(
+            &migration,
+            observed(Err(Error::ProbeTimeout { seconds: 20 }), None),
+            now(),
+        );
+        migration.status = Some(outage.status);
         let drifted = plan(&migration, observed(Ok(heads(&["0001"])), None), now());
         assert_eq!(condition(&drifted, DRIFTED).status, "True");
         assert_eq!(condition(&drifted, READY).status, "False");
