@@ -89,12 +89,13 @@ pub struct ProbeArgs {
     /// Namespace of the DatabaseMigration.
     #[arg(short, long)]
     pub namespace: Option<String>,
-    /// Database engine, when probing without a DatabaseMigration.
-    #[arg(long, value_enum, required_unless_present = "migration")]
-    pub engine: Option<EngineArg>,
-    /// Migration tool whose version table is read.
-    #[arg(long, value_enum, conflicts_with = "query")]
-    pub tool: Option<ToolArg>,
+    /// Database engine, when probing without a DatabaseMigration: postgres or mysql.
+    #[arg(long, required_unless_present = "migration", value_parser = crd_value::<Engine>("engine", ENGINES))]
+    pub engine: Option<Engine>,
+    /// Migration tool whose version table is read (alembic, flyway, golang-migrate, sqlx,
+    /// rails, django, liquibase, prisma, atlas, schemagate).
+    #[arg(long, conflicts_with = "query", value_parser = crd_value::<TrackingTool>("tool", TOOLS))]
+    pub tool: Option<TrackingTool>,
     /// SQL query returning the applied revisions in its first column.
     #[arg(long)]
     pub query: Option<String>,
@@ -109,42 +110,21 @@ pub struct ProbeArgs {
     pub revision: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum EngineArg {
-    Postgres,
-    Mysql,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum ToolArg {
-    Alembic,
-    Flyway,
-    GolangMigrate,
-    Sqlx,
-    Rails,
-    Django,
-    Liquibase,
-    Prisma,
-    Atlas,
-    Schemagate,
-}
-
-impl From<ToolArg> for TrackingTool {
-    fn from(tool: ToolArg) -> Self {
-        match tool {
-            ToolArg::Alembic => TrackingTool::Alembic,
-            ToolArg::Flyway => TrackingTool::Flyway,
-            ToolArg::GolangMigrate => TrackingTool::GolangMigrate,
-            ToolArg::Sqlx => TrackingTool::Sqlx,
-            ToolArg::Rails => TrackingTool::Rails,
-            ToolArg::Django => TrackingTool::Django,
-            ToolArg::Liquibase => TrackingTool::Liquibase,
-            ToolArg::Prisma => TrackingTool::Prisma,
-            ToolArg::Atlas => TrackingTool::Atlas,
-            ToolArg::Schemagate => TrackingTool::Schemagate,
-        }
+/// Parses a value the way the CRD spells it (`postgres`, `golang-migrate`, ...), so the
+/// command line and the resource accept the same words.
+fn crd_value<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    allowed: &'static str,
+) -> impl Fn(&str) -> Result<T, String> + Clone {
+    move |text: &str| {
+        serde_json::from_value(serde_json::Value::String(text.to_string()))
+            .map_err(|_| format!("unknown {what} {text:?}; one of {allowed}"))
     }
 }
+
+const ENGINES: &str = "postgres, mysql";
+const TOOLS: &str =
+    "alembic, flyway, golang-migrate, sqlx, rails, django, liquibase, prisma, atlas, schemagate";
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
@@ -288,15 +268,12 @@ async fn probe_command(args: ProbeArgs) -> ExitCode {
             )
         }
         None => {
-            let engine = match args.engine {
-                Some(EngineArg::Postgres) | None => Engine::Postgres,
-                Some(EngineArg::Mysql) => Engine::Mysql,
-            };
+            let engine = args.engine.unwrap_or(Engine::Postgres);
             if args.tool.is_none() && args.query.is_none() {
                 return fail("name a --tool or a --query (or a DatabaseMigration)");
             }
             let tracking = Tracking {
-                tool: args.tool.map(TrackingTool::from),
+                tool: args.tool,
                 query: args.query.clone(),
                 table: args.table.clone(),
             };

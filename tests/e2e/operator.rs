@@ -28,6 +28,21 @@ spec:
     )
 }
 
+/// A fresh namespace with a database of its own (its URL in Secret `app-db-url`) and an
+/// operator watching the namespace.
+async fn with_database_and_operator(
+    name: &str,
+    password: &str,
+    webhook: bool,
+) -> (schemagate_e2e::harness::TestNamespace, String, Operator) {
+    let ns = namespace(name).await;
+    prepare(ns.cluster()).await;
+    let url = create_postgres_database(ns.cluster(), password).await;
+    url_secret(&ns, "app-db-url", "url", &url).await;
+    let operator = Operator::start(&ns, OperatorOptions { webhook }).await;
+    (ns, url, operator)
+}
+
 async fn jobs(api: &Api<Job>) -> Vec<Job> {
     api.list(&ListParams::default())
         .await
@@ -37,11 +52,8 @@ async fn jobs(api: &Api<Job>) -> Vec<Job> {
 
 #[tokio::test]
 async fn alembic_migration_ends_ready_with_the_revision_from_the_database() {
-    let ns = namespace("alembic-ready").await;
-    prepare(ns.cluster()).await;
-    let url = create_postgres_database(ns.cluster(), "pw-ready-4711").await;
-    url_secret(&ns, "app-db-url", "url", &url).await;
-    let _operator = Operator::start(&ns, OperatorOptions { webhook: false }).await;
+    let (ns, url, _operator) =
+        with_database_and_operator("alembic-ready", "pw-ready-4711", false).await;
 
     apply_migration(
         &ns,
@@ -88,12 +100,9 @@ async fn alembic_migration_ends_ready_with_the_revision_from_the_database() {
 
 #[tokio::test]
 async fn already_migrated_database_is_ready_without_a_job() {
-    let ns = namespace("already-migrated").await;
-    prepare(ns.cluster()).await;
-    let url = create_postgres_database(ns.cluster(), "pw-adopt-4711").await;
+    let (ns, url, _operator) =
+        with_database_and_operator("already-migrated", "pw-adopt-4711", false).await;
     alembic(&url, &["upgrade", "head"]).await;
-    url_secret(&ns, "app-db-url", "url", &url).await;
-    let _operator = Operator::start(&ns, OperatorOptions { webhook: false }).await;
 
     apply_migration(
         &ns,
@@ -117,11 +126,8 @@ async fn already_migrated_database_is_ready_without_a_job() {
 
 #[tokio::test]
 async fn failing_migration_fails_readably_and_waits_for_a_retry() {
-    let ns = namespace("failing-migration").await;
-    prepare(ns.cluster()).await;
-    let url = create_postgres_database(ns.cluster(), "pw-broken-4711").await;
-    url_secret(&ns, "app-db-url", "url", &url).await;
-    let _operator = Operator::start(&ns, OperatorOptions { webhook: false }).await;
+    let (ns, _url, _operator) =
+        with_database_and_operator("failing-migration", "pw-broken-4711", false).await;
 
     apply_migration(
         &ns,
@@ -208,11 +214,8 @@ async fn failing_migration_fails_readably_and_waits_for_a_retry() {
 
 #[tokio::test]
 async fn migrator_that_exits_zero_without_migrating_fails_naming_both_revisions() {
-    let ns = namespace("exit-zero").await;
-    prepare(ns.cluster()).await;
-    let url = create_postgres_database(ns.cluster(), "pw-exit-4711").await;
-    url_secret(&ns, "app-db-url", "url", &url).await;
-    let _operator = Operator::start(&ns, OperatorOptions { webhook: false }).await;
+    let (ns, _url, _operator) =
+        with_database_and_operator("exit-zero", "pw-exit-4711", false).await;
 
     // The migrator stops at 0001 and exits 0: its exit code alone would say "done".
     apply_migration(
@@ -239,11 +242,7 @@ async fn migrator_that_exits_zero_without_migrating_fails_naming_both_revisions(
 
 #[tokio::test]
 async fn operator_restarted_while_the_job_runs_keeps_exactly_one_job() {
-    let ns = namespace("restart").await;
-    prepare(ns.cluster()).await;
-    let url = create_postgres_database(ns.cluster(), "pw-restart-4711").await;
-    url_secret(&ns, "app-db-url", "url", &url).await;
-    let operator = Operator::start(&ns, OperatorOptions { webhook: false }).await;
+    let (ns, url, operator) = with_database_and_operator("restart", "pw-restart-4711", false).await;
 
     apply_migration(
         &ns,
@@ -279,12 +278,9 @@ async fn operator_restarted_while_the_job_runs_keeps_exactly_one_job() {
 /// operator keeps running, and fixing the input makes it Ready.
 #[tokio::test]
 async fn bad_input_gets_a_clear_condition_and_event() {
-    let ns = namespace("bad-input").await;
-    prepare(ns.cluster()).await;
     let password = "pw-Secret-Leak-8841";
-    let url = create_postgres_database(ns.cluster(), password).await;
+    let (ns, url, _operator) = with_database_and_operator("bad-input", password, false).await;
     alembic(&url, &["upgrade", "head"]).await;
-    let _operator = Operator::start(&ns, OperatorOptions { webhook: false }).await;
     let migrations: Api<DatabaseMigration> = ns.api();
     apply_migration(
         &ns,
@@ -442,12 +438,8 @@ async fn bad_input_gets_a_clear_condition_and_event() {
 
 #[tokio::test]
 async fn password_never_reaches_the_job_spec() {
-    let ns = namespace("no-leak-job").await;
-    prepare(ns.cluster()).await;
     let password = "pw-Job-Leak-5521";
-    let url = create_postgres_database(ns.cluster(), password).await;
-    url_secret(&ns, "app-db-url", "url", &url).await;
-    let _operator = Operator::start(&ns, OperatorOptions { webhook: false }).await;
+    let (ns, _url, _operator) = with_database_and_operator("no-leak-job", password, false).await;
     apply_migration(
         &ns,
         &migration_yaml(APP_V2, r#"["alembic", "upgrade", "head"]"#, "0002"),
@@ -477,11 +469,8 @@ async fn password_never_reaches_the_job_spec() {
 /// again.
 #[tokio::test]
 async fn drift_is_noticed_and_rollouts_are_held_again() {
-    let ns = namespace("drift").await;
-    let url = create_postgres_database(ns.cluster(), "pw-drift-4711").await;
-    url_secret(&ns, "app-db-url", "url", &url).await;
+    let (ns, url, _operator) = with_database_and_operator("drift", "pw-drift-4711", true).await;
     alembic(&url, &["upgrade", "head"]).await;
-    let _operator = Operator::start(&ns, OperatorOptions { webhook: true }).await;
     let mut yaml = migration_yaml(APP_V2, r#"["alembic", "upgrade", "head"]"#, "0002");
     yaml.push_str("  driftCheckInterval: 1s\n");
     apply_migration(&ns, &yaml).await;
