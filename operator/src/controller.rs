@@ -102,34 +102,16 @@ pub(crate) async fn reconcile_migration(
     ctx: Arc<Context>,
 ) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started("migration");
-    let (result, reference, key) = match &guard.0 {
-        Ok(migration) => (
-            reconcile(migration, &ctx).await,
-            migration.object_ref(&()),
-            key_of(migration),
-        ),
-        Err(invalid) => (
-            Err(Error::InvalidObject {
-                message: invalid.error.clone(),
-            }),
-            ObjectReference {
-                api_version: Some(DatabaseMigration::api_version(&()).into_owned()),
-                kind: Some(DatabaseMigration::kind(&()).into_owned()),
-                name: invalid.metadata.name.clone(),
-                namespace: invalid.metadata.namespace.clone(),
-                uid: invalid.metadata.uid.clone(),
-                ..Default::default()
-            },
-            format!(
-                "DatabaseMigration/{}/{}",
-                invalid.metadata.namespace.clone().unwrap_or_default(),
-                invalid.metadata.name.clone().unwrap_or_default()
-            ),
-        ),
+    let result = match &guard.0 {
+        Ok(migration) => reconcile(migration, &ctx).await,
+        Err(invalid) => Err(Error::InvalidObject {
+            message: invalid.error.clone(),
+        }),
     };
+    // The guard reads name and namespace from an object that could not be parsed, too.
     match &result {
-        Ok(_) => ctx.backoff.reset(&key),
-        Err(error) => report(&ctx, "migration", &reference, error).await,
+        Ok(_) => ctx.backoff.reset(&key_of(guard.as_ref())),
+        Err(error) => report(&ctx, "migration", &guard.object_ref(&()), error).await,
     }
     result
 }
@@ -168,15 +150,7 @@ fn migration_error_policy(
     _error: &Error,
     ctx: Arc<Context>,
 ) -> Action {
-    let key = match &guard.0 {
-        Ok(migration) => key_of(migration),
-        Err(invalid) => format!(
-            "DatabaseMigration/{}/{}",
-            invalid.metadata.namespace.clone().unwrap_or_default(),
-            invalid.metadata.name.clone().unwrap_or_default()
-        ),
-    };
-    Action::requeue(ctx.backoff.next(&key))
+    Action::requeue(ctx.backoff.next(&key_of(guard.as_ref())))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -95,8 +95,7 @@ async fn helm_installed_operator_holds_the_release_through_its_service() {
 
     let url = v1_serving(&apps).await;
     let timeline = release_v2(&apps, &url).await;
-    assert_eq!(timeline.early_pods, 0, "{timeline:?}");
-    assert_eq!(timeline.min_old_ready_before_new, Some(2), "{timeline:?}");
+    assert_safe_release(&timeline);
     deployment_available(&apps.api(), DEPLOYMENT, TIMEOUT).await;
 
     // The hold came from the webhook, through the Service: the operator's own metrics say so.

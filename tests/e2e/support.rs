@@ -774,3 +774,26 @@ pub async fn await_event(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Stops a [`watch_release`] and returns what it saw.
+pub async fn finish_watch(
+    stop: oneshot::Sender<()>,
+    watch: tokio::task::JoinHandle<Timeline>,
+) -> Timeline {
+    let _ = stop.send(());
+    watch.await.expect("the pod watch")
+}
+
+/// The promise of the gate, as a user sees it: no pod of the new code before the database
+/// held its revision, and the old version served with all its Ready pods until then.
+pub fn assert_safe_release(timeline: &Timeline) {
+    assert_eq!(
+        timeline.early_pods, 0,
+        "new pods before the revision: {timeline:?}"
+    );
+    assert_eq!(
+        timeline.min_old_ready_before_new,
+        Some(2),
+        "the old version kept 2 Ready pods: {timeline:?}"
+    );
+}

@@ -324,21 +324,11 @@ pub struct TestNamespace {
 /// `default` ServiceAccount.
 pub async fn namespace(test_name: &str) -> TestNamespace {
     let cluster = cluster().await;
-    let readable: String = test_name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let readable: String = readable.trim_matches('-').chars().take(45).collect();
+    let readable = crate::node::images::dns_label(test_name, 45);
     let suffix: String = (0..6)
         .map(|_| fastrand::alphanumeric().to_ascii_lowercase())
         .collect();
-    let name = format!("e2e-{}-{suffix}", readable.trim_end_matches('-'));
+    let name = format!("e2e-{}-{suffix}", readable);
     let namespace = Namespace {
         metadata: ObjectMeta {
             name: Some(name.clone()),

@@ -72,9 +72,10 @@ impl ImageEntry {
     }
 }
 
-/// A DNS-1123 name for an image's ConfigMap: readable prefix plus a hash of the reference.
-pub fn config_map_name(image: &str) -> String {
-    let readable: String = image
+/// `text` as a readable DNS-1123 label: lowercase alphanumerics, other characters as `-`,
+/// at most `max` characters, no leading or trailing `-`.
+pub fn dns_label(text: &str, max: usize) -> String {
+    let mapped: String = text
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
@@ -84,8 +85,13 @@ pub fn config_map_name(image: &str) -> String {
             }
         })
         .collect();
-    let readable: String = readable.trim_matches('-').chars().take(40).collect();
-    let readable = readable.trim_end_matches('-');
+    let cut: String = mapped.trim_matches('-').chars().take(max).collect();
+    cut.trim_end_matches('-').to_string()
+}
+
+/// A DNS-1123 name for an image's ConfigMap: readable prefix plus a hash of the reference.
+pub fn config_map_name(image: &str) -> String {
+    let readable = dns_label(image, 40);
     // FNV-1a: stable across runs and platforms, unlike std's hasher.
     let hash = image.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
