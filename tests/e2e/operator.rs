@@ -109,14 +109,7 @@ async fn already_migrated_database_is_ready_without_a_job() {
         &migration_yaml(APP_V2, r#"["alembic", "upgrade", "head"]"#, "0002"),
     )
     .await;
-    let ready = wait_for(
-        &ns.api::<DatabaseMigration>(),
-        "app-db",
-        MIGRATION_TIMEOUT,
-        "Ready",
-        |m| has_condition(m, "Ready", "True", "RevisionApplied"),
-    )
-    .await;
+    let ready = await_ready(&ns).await;
     assert_eq!(ready.status.as_ref().unwrap().history[0].result, "Adopted");
     assert!(
         jobs(&ns.api()).await.is_empty(),
@@ -445,14 +438,7 @@ async fn password_never_reaches_the_job_spec() {
         &migration_yaml(APP_V2, r#"["alembic", "upgrade", "head"]"#, "0002"),
     )
     .await;
-    let ready = wait_for(
-        &ns.api::<DatabaseMigration>(),
-        "app-db",
-        MIGRATION_TIMEOUT,
-        "Ready",
-        |m| has_condition(m, "Ready", "True", "RevisionApplied"),
-    )
-    .await;
+    let ready = await_ready(&ns).await;
     let job_json = serde_json::to_string(&jobs(&ns.api()).await).unwrap();
     assert!(!job_json.contains(password), "password in the Job");
     assert!(

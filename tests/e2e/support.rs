@@ -797,3 +797,15 @@ pub fn assert_safe_release(timeline: &Timeline) {
         "the old version kept 2 Ready pods: {timeline:?}"
     );
 }
+
+/// Waits until DatabaseMigration `app-db` is Ready: the database reports its revision.
+pub async fn await_ready(namespace: &TestNamespace) -> DatabaseMigration {
+    wait_for(
+        &namespace.api::<DatabaseMigration>(),
+        "app-db",
+        TIMEOUT,
+        "Ready",
+        |m| has_condition(m, "Ready", "True", "RevisionApplied"),
+    )
+    .await
+}
