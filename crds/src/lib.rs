@@ -18,6 +18,10 @@ pub const REVISION_ANNOTATION: &str = "schemagate.dev/revision";
 pub const HELD_FOR_ANNOTATION: &str = "schemagate.dev/held-for";
 /// DatabaseMigration annotation: a new value starts a new attempt of a failed migration.
 pub const RETRY_ANNOTATION: &str = "schemagate.dev/retry";
+/// Deployment label set together with [`HELD_FOR_ANNOTATION`] while schemagate holds its
+/// rollout. It lets the operator watch the Deployments it holds by label, so a hold is
+/// released even after the Deployment left the gate (its opt-in label removed).
+pub const HELD_LABEL: &str = "schemagate.dev/held";
 
 /// A database migration that must be applied before the code that needs it rolls out.
 ///
@@ -193,6 +197,14 @@ pub struct MigratorSpec {
     /// Pod security context. Default: `runAsNonRoot: true` and RuntimeDefault seccomp.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_security_context: Option<PodSecurityContext>,
+    /// Alembic only: the command, run from `image` without the database URL, that writes
+    /// the revision graph of the image's migration scripts to `/dev/termination-log`
+    /// (format: docs/probe.md). The default runs `python3` with a built-in script that
+    /// reads the Alembic configuration the migrator's `-c`/`--config` names (else
+    /// `$ALEMBIC_CONFIG`, else `alembic.ini`). Set it when the image has no `python3`
+    /// that can import alembic.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revision_graph_command: Vec<String>,
 }
 
 /// What schemagate observed of the migration.
@@ -206,12 +218,23 @@ pub struct DatabaseMigrationStatus {
     /// revision when the tool records many and that one is among them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_revision: Option<String>,
-    /// Revisions known to be applied, oldest first, at most 100: the tool's applied set, or
-    /// for tools that record only their head (Alembic, golang-migrate) the heads this
-    /// resource saw applied in order up to the current one. Deployments needing any of
-    /// them are released.
+    /// What the database's version table reports, in the tool's order: for tools that
+    /// record every applied migration, the applied set (oldest first; only the newest 256
+    /// when `appliedRevisionsTruncated`); for golang-migrate the current version; for
+    /// Alembic the current head(s). Whether a Deployment's revision is applied is decided
+    /// from this, and for Alembic from `revisionGraph` (docs/probe.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub applied_revisions: Vec<String>,
+    /// True when the database reported more applied revisions than `appliedRevisions`
+    /// keeps. A Deployment needing a revision not listed is then held until the operator
+    /// reads the database again itself; it is never released on a guess.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub applied_revisions_truncated: bool,
+    /// Alembic only: the revision graph defined by the migration scripts in
+    /// `spec.migrator.image`, read by a short Job from that image. A required revision is
+    /// applied when it is a current head or an ancestor of one in this graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision_graph: Option<RevisionGraphStatus>,
     /// Summary of the migration: Pending, Running, Succeeded or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
@@ -261,6 +284,40 @@ pub struct MigrationJobStatus {
     /// with anything secret removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// The revision graph of a migrator image (Alembic), as its revision-graph Job reported it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionGraphStatus {
+    /// The Job that read the graph; a new image, command or retry gets a new one.
+    pub job: String,
+    /// The image the graph was read from.
+    pub image: String,
+    /// Revisions with their parents (down revisions), from the heads down. A revision with
+    /// no parents is a base.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revisions: Vec<RevisionNode>,
+    /// True when the graph was longer than its report may be (a termination message holds
+    /// at most 4096 bytes): the oldest revisions are missing, and a Deployment needing one
+    /// of them is held with a message that says so.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    /// Why the graph could not be read, when it could not; the migrator's output tail,
+    /// secrets removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One revision of a revision graph.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionNode {
+    /// The revision id.
+    pub revision: String,
+    /// Its parents (Alembic's `down_revision`): none for a base, several for a merge point.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parents: Vec<String>,
 }
 
 /// One finished attempt.

@@ -14,9 +14,13 @@ use schemagate_crds::{DatabaseMigration, DatabaseMigrationStatus};
 /// Created, not applied: a Job's template is immutable, and re-applying it after an
 /// operator upgrade changed the template would fail instead of keeping the running attempt.
 pub async fn apply(ctx: &Context, migration: &DatabaseMigration, plan: &Plan) -> Result<()> {
-    let Some(job) = &plan.create_job else {
-        return Ok(());
-    };
+    for job in plan.create_graph_job.iter().chain(&plan.create_job) {
+        create_job(ctx, migration, job).await?;
+    }
+    Ok(())
+}
+
+async fn create_job(ctx: &Context, migration: &DatabaseMigration, job: &Job) -> Result<()> {
     let namespace = migration.namespace().unwrap_or_default();
     let name = job.name_any();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -72,7 +76,7 @@ pub async fn publish(ctx: &Context, migration: &DatabaseMigration, notes: &[Note
         let event = Event {
             type_: note.type_,
             reason: note.reason.to_string(),
-            note: Some(note.message.clone()),
+            note: Some(crate::conditions::event_note(&note.message)),
             action: "Migrate".to_string(),
             secondary: None,
         };

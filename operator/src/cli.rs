@@ -233,7 +233,7 @@ async fn shutdown_signal() {
 }
 
 async fn probe_command(args: ProbeArgs) -> ExitCode {
-    let (engine, tracking, url, revision) = match &args.migration {
+    let (engine, tracking, url, revision, graph) = match &args.migration {
         Some(name) => {
             let client = match client().await {
                 Ok(client) => client,
@@ -260,11 +260,17 @@ async fn probe_command(args: ProbeArgs) -> ExitCode {
                 .revision
                 .clone()
                 .or(Some(migration.spec.revision.clone()));
+            let graph = migration
+                .status
+                .as_ref()
+                .and_then(|s| s.revision_graph.as_ref())
+                .and_then(crate::revision::Graph::from_status);
             (
                 migration.spec.database.engine,
                 migration.spec.database.tracking,
                 url,
                 revision,
+                graph,
             )
         }
         None => {
@@ -286,7 +292,7 @@ async fn probe_command(args: ProbeArgs) -> ExitCode {
                     ));
                 }
             };
-            (engine, tracking, url, args.revision.clone())
+            (engine, tracking, url, args.revision.clone(), None)
         }
     };
     match probe::probe_revisions(engine, &url, &tracking).await {
@@ -297,12 +303,24 @@ async fn probe_command(args: ProbeArgs) -> ExitCode {
             for revision in &applied.revisions {
                 println!("{revision}");
             }
-            match revision {
-                Some(required) if !probe::is_satisfied(&applied, &required, &[]) => {
+            let Some(required) = revision else {
+                return ExitCode::SUCCESS;
+            };
+            let scheme = crate::revision::Scheme::of(&tracking);
+            let applied = crate::revision::Applied {
+                revisions: &applied.revisions,
+                complete: true,
+            };
+            match crate::revision::answer(scheme, applied, graph.as_ref(), &required) {
+                crate::revision::Answer::Satisfied => ExitCode::SUCCESS,
+                crate::revision::Answer::NotSatisfied => {
                     eprintln!("revision {required} is not applied");
                     ExitCode::FAILURE
                 }
-                _ => ExitCode::SUCCESS,
+                crate::revision::Answer::CannotTell { why, .. } => {
+                    eprintln!("cannot tell whether revision {required} is applied: {why}");
+                    ExitCode::FAILURE
+                }
             }
         }
         Err(error) => fail(format!("{error} ({})", error.reason())),

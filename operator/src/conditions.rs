@@ -66,17 +66,39 @@ pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
     find(conditions, type_).is_some_and(|c| c.status == Status::True.as_str())
 }
 
-/// Keeps at most `max` bytes of `text`, from its end (the end of a log says what failed),
-/// on a character boundary, marking the cut.
+/// The most an Event note may hold (events.k8s.io/v1 rejects longer ones), in bytes.
+pub const MAX_EVENT_NOTE: usize = 1024;
+const ELLIPSIS: &str = "…";
+
+/// Keeps at most `max` bytes of `text`, the mark of the cut included, from its end (the
+/// end of a log says what failed), on a character boundary.
 pub fn truncate_start(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_string();
     }
-    let mut start = text.len() - max;
+    let mut start = text.len() - max.saturating_sub(ELLIPSIS.len());
     while !text.is_char_boundary(start) {
         start += 1;
     }
-    format!("…{}", &text[start..])
+    format!("{ELLIPSIS}{}", &text[start..])
+}
+
+/// An Event note within [`MAX_EVENT_NOTE`] bytes: a longer text keeps its beginning (what
+/// happened and why) and its end (the last lines of a migrator's output), cut in between.
+pub fn event_note(text: &str) -> String {
+    if text.len() <= MAX_EVENT_NOTE {
+        return text.to_string();
+    }
+    let mut head_end = MAX_EVENT_NOTE / 2;
+    while !text.is_char_boundary(head_end) {
+        head_end -= 1;
+    }
+    let tail_len = MAX_EVENT_NOTE - head_end - ELLIPSIS.len();
+    let mut tail_start = text.len() - tail_len;
+    while !text.is_char_boundary(tail_start) {
+        tail_start += 1;
+    }
+    format!("{}{ELLIPSIS}{}", &text[..head_end], &text[tail_start..])
 }
 
 #[cfg(test)]
@@ -126,9 +148,29 @@ mod tests {
     }
 
     #[test]
+    fn event_notes_fit_the_apis_limit_and_keep_both_ends() {
+        for length in [0, 10, 1023, 1024, 1025, 5000] {
+            for filler in ["x", "é", "日"] {
+                let text = format!("held: needs 0002{}Traceback end", filler.repeat(length));
+                let note = event_note(&text);
+                assert!(
+                    note.len() <= MAX_EVENT_NOTE,
+                    "{length} {filler}: {}",
+                    note.len()
+                );
+                assert!(note.starts_with("held: needs 0002"));
+                assert!(note.ends_with("Traceback end"));
+            }
+        }
+        let cut = truncate_start(&"é".repeat(2000), MAX_EVENT_NOTE);
+        assert!(cut.len() <= MAX_EVENT_NOTE, "{}", cut.len());
+    }
+
+    #[test]
     fn truncates_from_the_start_on_char_boundaries() {
         assert_eq!(truncate_start("short", 10), "short");
-        let cut = truncate_start("ééééé-end", 6);
+        let cut = truncate_start("ééééé-end", 7);
+        assert!(cut.len() <= 7);
         assert!(cut.ends_with("-end"));
         assert!(cut.starts_with('…'));
     }

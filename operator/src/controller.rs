@@ -20,7 +20,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use schemagate_crds::{DatabaseMigration, MIGRATION_LABEL};
+use schemagate_crds::{DatabaseMigration, HELD_LABEL, MIGRATION_LABEL};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -125,7 +125,7 @@ async fn report(
     error: &Error,
 ) {
     ctx.metrics.reconcile_failed(controller, error.reason());
-    let message = crate::conditions::truncate_start(&error.chain(), 1024);
+    let message = crate::conditions::event_note(&error.chain());
     warn!(
         controller,
         reason = error.reason(),
@@ -167,114 +167,141 @@ async fn reconcile_gate(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Resul
     result
 }
 
+/// The backstop for one Deployment: observe (requirement, a fresh DatabaseMigration and,
+/// when the status cannot decide, the database itself) → decide (pure, with its Events) →
+/// apply (a resourceVersion-guarded patch, then the Events).
 async fn gate_deployment(deployment: &Deployment, ctx: &Context) -> Result<Action> {
+    let observed = observe_gate(ctx, deployment).await?;
+    let change = gate::decide(deployment, observed.requirement.as_ref(), &observed.verdict);
+    let notes = gate::notes(
+        deployment,
+        observed.requirement.as_ref(),
+        &observed.verdict,
+        &change,
+    );
+    apply_gate(
+        ctx,
+        deployment,
+        &change,
+        &notes,
+        observed.migration.as_ref(),
+    )
+    .await
+}
+
+/// What the backstop read about one Deployment.
+struct GateObserved {
+    requirement: Option<gate::Requirement>,
+    migration: Option<GuardedMigration>,
+    verdict: Verdict,
+}
+
+async fn observe_gate(ctx: &Context, deployment: &Deployment) -> Result<GateObserved> {
     let namespace = deployment.namespace().unwrap_or_default();
-    let name = deployment.name_any();
-    let requirement = gate::requirement(deployment);
-    let (migration, verdict) = match &requirement {
-        Some(requirement) => {
-            // Read fresh, not from a cache: a release must follow the status that caused it.
-            let api: Api<GuardedMigration> = Api::namespaced(ctx.client.clone(), &namespace);
-            let migration = api
-                .get_opt(&requirement.migration)
-                .await
-                .map_err(Error::kube(format!(
-                    "get DatabaseMigration {}",
-                    requirement.migration
-                )))?;
-            let verdict = gate::evaluate(migration.as_ref(), requirement);
-            (migration, verdict)
-        }
-        None => (None, Verdict::Satisfied),
+    let Some(requirement) = gate::requirement(deployment) else {
+        return Ok(GateObserved {
+            requirement: None,
+            migration: None,
+            verdict: Verdict::Satisfied,
+        });
     };
-    let change = gate::decide(deployment, requirement.as_ref(), &verdict);
-    let Some(patch) = gate::merge_patch(deployment, &change) else {
-        if let (Verdict::Held { reason, message }, true) =
-            (&verdict, gate::held_by_schemagate(deployment))
-        {
-            // Held already, by the webhook at admission or earlier: say why, with what the
-            // database reports now. Identical Events are counted as one series.
-            let event = Event {
-                type_: EventType::Normal,
-                reason: "RolloutHeld".to_string(),
-                note: Some(format!(
-                    "rollout paused by schemagate ({reason}): {message}"
-                )),
-                action: "Hold".to_string(),
-                secondary: None,
-            };
-            if let Err(error) = ctx
-                .recorder
-                .publish(&event, &deployment.object_ref(&()))
-                .await
-            {
-                warn!(%error, "cannot publish Event");
+    // Read fresh, not from a cache: a release must follow the status that caused it.
+    let api: Api<GuardedMigration> = Api::namespaced(ctx.client.clone(), &namespace);
+    let migration = api
+        .get_opt(&requirement.migration)
+        .await
+        .map_err(Error::kube(format!(
+            "get DatabaseMigration {}",
+            requirement.migration
+        )))?;
+    let mut verdict = gate::evaluate(migration.as_ref(), &requirement);
+    if let (
+        Verdict::Held {
+            fresh_read_helps: true,
+            ..
+        },
+        Some(Ok(found)),
+    ) = (&verdict, migration.as_ref().map(|g| &g.0))
+    {
+        // The status keeps only part of what the database reports: read the database.
+        match crate::observe::probe_database(&ctx.client, &namespace, found).await {
+            Ok(applied) => {
+                verdict = gate::evaluate_with(migration.as_ref(), &requirement, Some(&applied));
+            }
+            Err(error) => {
+                warn!(error = %error.chain(), "cannot read the database to decide a hold");
             }
         }
-        return Ok(Action::await_change());
-    };
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.to_string()),
-        ..Default::default()
-    };
-    match deployments
-        .patch(&name, &params, &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => {}
-        // Changed since it was read (a person, the webhook): decide again on the new version.
-        Err(kube::Error::Api(status)) if status.code == 409 => {
-            return Ok(Action::requeue(Duration::from_millis(50)));
-        }
-        Err(source) => {
-            return Err(Error::Kube {
-                action: format!("update Deployment {name}"),
-                source,
-            });
-        }
     }
-    let (action, reason, note) = match (&change, &verdict) {
-        (GateChange::Hold { .. }, Verdict::Held { reason, message }) => (
-            "hold",
-            "RolloutHeld",
-            format!("rollout paused by schemagate ({reason}): {message}"),
-        ),
-        _ => (
-            "release",
-            "RolloutReleased",
-            match &requirement {
-                Some(r) => format!(
-                    "rollout resumed by schemagate: the database reports revision {} of DatabaseMigration {}",
-                    r.revision, r.migration
-                ),
-                None => "rollout resumed by schemagate: the Deployment no longer names a required revision".to_string(),
+    Ok(GateObserved {
+        requirement: Some(requirement),
+        migration,
+        verdict,
+    })
+}
+
+async fn apply_gate(
+    ctx: &Context,
+    deployment: &Deployment,
+    change: &GateChange,
+    notes: &[gate::GateNote],
+    migration: Option<&GuardedMigration>,
+) -> Result<Action> {
+    let name = deployment.name_any();
+    if let Some(patch) = gate::merge_patch(deployment, change) {
+        let deployments: Api<Deployment> = Api::namespaced(
+            ctx.client.clone(),
+            &deployment.namespace().unwrap_or_default(),
+        );
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..Default::default()
+        };
+        match deployments
+            .patch(&name, &params, &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            // Changed since it was read (a person, the webhook): decide again on the new version.
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                return Ok(Action::requeue(Duration::from_millis(50)));
+            }
+            Err(source) => {
+                return Err(Error::Kube {
+                    action: format!("update Deployment {name}"),
+                    source,
+                });
+            }
+        }
+        let action = match change {
+            GateChange::Hold { .. } => "hold",
+            _ => "release",
+        };
+        ctx.metrics
+            .gate_changes
+            .get_or_create(&GateLabels {
+                action,
+                by: "controller",
+            })
+            .inc();
+        info!(action, "gate changed Deployment");
+    }
+    let migration_ref = migration
+        .and_then(|guard| guard.0.as_ref().ok())
+        .map(|m| m.object_ref(&()));
+    for note in notes {
+        let reference = match note.on {
+            gate::NoteOn::Deployment => deployment.object_ref(&()),
+            gate::NoteOn::Migration => match &migration_ref {
+                Some(reference) => reference.clone(),
+                None => continue,
             },
-        ),
-    };
-    ctx.metrics
-        .gate_changes
-        .get_or_create(&GateLabels {
-            action,
-            by: "controller",
-        })
-        .inc();
-    info!(action, "gate changed Deployment");
-    let mut references = vec![deployment.object_ref(&())];
-    if let Some(Ok(migration)) = migration.as_ref().map(|g| &g.0) {
-        references.push(migration.object_ref(&()));
-    }
-    for reference in references {
-        let note = if reference.kind.as_deref() == Some("DatabaseMigration") {
-            format!("Deployment {name}: {note}")
-        } else {
-            note.clone()
         };
         let event = Event {
             type_: EventType::Normal,
-            reason: reason.to_string(),
-            note: Some(note),
-            action: if action == "hold" { "Hold" } else { "Release" }.to_string(),
+            reason: note.reason.to_string(),
+            note: Some(note.message.clone()),
+            action: note.action.to_string(),
             secondary: None,
         };
         if let Err(error) = ctx.recorder.publish(&event, &reference).await {
@@ -282,6 +309,15 @@ async fn gate_deployment(deployment: &Deployment, ctx: &Context) -> Result<Actio
         }
     }
     Ok(Action::await_change())
+}
+
+/// A Deployment schemagate holds (label `schemagate.dev/held`) that no longer opted in: its
+/// hold is released here, since the opted-in watch no longer sees it.
+async fn reconcile_left_gate(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action> {
+    if deployment.labels().contains_key(MIGRATION_LABEL) {
+        return Ok(Action::await_change());
+    }
+    reconcile_gate(deployment, ctx).await
 }
 
 fn gate_error_policy(deployment: Arc<Deployment>, _error: &Error, ctx: Arc<Context>) -> Action {
@@ -336,6 +372,8 @@ pub async fn run_controllers(
             }
         });
 
+    let deployments_for_holds = deployments.clone();
+    let ctx_for_holds = ctx.clone();
     let gate_controller = Controller::new(deployments, opted_in);
     let opted_in_deployments = gate_controller.store();
     let gate_controller = gate_controller
@@ -364,5 +402,17 @@ pub async fn run_controllers(
             }
         });
 
-    futures::join!(migration_controller, gate_controller);
+    // Holds whose Deployment left the gate (opt-in label removed): released by their owner.
+    let held = watcher::Config::default().labels(HELD_LABEL);
+    let left_gate_controller = Controller::new(deployments_for_holds, held)
+        .with_config(Config::default().concurrency(config.concurrency))
+        .graceful_shutdown_on(shutdown())
+        .run(reconcile_left_gate, gate_error_policy, ctx_for_holds)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                warn!(%error, "released-hold controller");
+            }
+        });
+
+    futures::join!(migration_controller, gate_controller, left_gate_controller);
 }

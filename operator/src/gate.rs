@@ -2,12 +2,13 @@
 //! (hold or release) that follows. The same decision serves the admission webhook, the
 //! backstop controller and `schemagate check`.
 
-use crate::probe::{self, AppliedRevisions};
+use crate::probe::AppliedRevisions;
+use crate::revision::{self, Answer, Applied, Graph, Scheme};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::ResourceExt;
 use kube::core::DeserializeGuard;
 use schemagate_crds::{
-    DatabaseMigration, HELD_FOR_ANNOTATION, MIGRATION_LABEL, REVISION_ANNOTATION,
+    DatabaseMigration, HELD_FOR_ANNOTATION, HELD_LABEL, MIGRATION_LABEL, REVISION_ANNOTATION,
 };
 
 /// What a Deployment asks of the database.
@@ -43,10 +44,14 @@ pub fn requirement(deployment: &Deployment) -> Option<Requirement> {
 pub enum Verdict {
     /// The database reports the revision: the rollout may go on.
     Satisfied,
-    /// Not (yet) applied; `message` says why, for Events and `schemagate check`.
+    /// Not (yet) applied, or not known to be; `message` says why, for Events and
+    /// `schemagate check`.
     Held {
         reason: &'static str,
         message: String,
+        /// Reading the database itself, rather than the status, may decide it (the status
+        /// keeps only part of a long applied set).
+        fresh_read_helps: bool,
     },
 }
 
@@ -55,6 +60,16 @@ pub enum Verdict {
 pub fn evaluate(
     migration: Option<&DeserializeGuard<DatabaseMigration>>,
     requirement: &Requirement,
+) -> Verdict {
+    evaluate_with(migration, requirement, None)
+}
+
+/// Like [`evaluate`], with what the database reports now (`fresh`) in place of the
+/// revisions the status keeps.
+pub fn evaluate_with(
+    migration: Option<&DeserializeGuard<DatabaseMigration>>,
+    requirement: &Requirement,
+    fresh: Option<&AppliedRevisions>,
 ) -> Verdict {
     let Requirement {
         migration: name,
@@ -67,6 +82,7 @@ pub fn evaluate(
                 message: format!(
                     "needs revision {revision}, but DatabaseMigration {name} does not exist in this namespace; the rollout waits until it exists and the database reports {revision}"
                 ),
+                fresh_read_helps: false,
             };
         }
         Some(Err(invalid)) => {
@@ -75,31 +91,43 @@ pub fn evaluate(
                 message: format!(
                     "needs revision {revision}, but DatabaseMigration {name} cannot be read: {invalid}"
                 ),
+                fresh_read_helps: false,
             };
         }
         Some(Ok(migration)) => migration,
     };
     let status = migration.status.clone().unwrap_or_default();
-    let head = status.applied_revision.clone();
-    let satisfied = status.applied_revisions.iter().any(|r| r == revision)
-        || head.as_ref().is_some_and(|head| {
-            probe::is_satisfied(
-                &AppliedRevisions {
-                    revisions: vec![head.clone()],
-                    head_only: true,
-                },
-                revision,
-                &status.applied_revisions,
-            )
-        });
-    if satisfied {
-        return Verdict::Satisfied;
-    }
-    let reported = match &head {
+    let scheme = Scheme::of(&migration.spec.database.tracking);
+    let applied = match fresh {
+        Some(fresh) => Applied {
+            revisions: &fresh.revisions,
+            complete: true,
+        },
+        None => Applied {
+            revisions: &status.applied_revisions,
+            complete: !status.applied_revisions_truncated,
+        },
+    };
+    let graph = status.revision_graph.as_ref().and_then(Graph::from_status);
+    let undetermined = match revision::answer(scheme, applied, graph.as_ref(), revision) {
+        Answer::Satisfied => return Verdict::Satisfied,
+        Answer::NotSatisfied => None,
+        Answer::CannotTell {
+            why,
+            fresh_read_helps,
+        } => Some((why, fresh_read_helps)),
+    };
+    let reported = match &status.applied_revision {
         Some(head) => format!("the database reports revision {head}"),
         None => "the database reports no revision yet".to_string(),
     };
+    let drifted =
+        crate::conditions::is_true(&status.conditions, schemagate_crds::condition::DRIFTED);
     let state = match status.phase {
+        Some(schemagate_crds::Phase::Failed) if drifted => {
+            "; the database drifted below it and waits for a person (annotation schemagate.dev/retry)"
+                .to_string()
+        }
         Some(schemagate_crds::Phase::Failed) => {
             let why =
                 crate::conditions::find(&status.conditions, schemagate_crds::condition::READY)
@@ -110,11 +138,21 @@ pub fn evaluate(
         Some(schemagate_crds::Phase::Running) => "; the migration is running".to_string(),
         _ => String::new(),
     };
-    Verdict::Held {
-        reason: "RevisionPending",
-        message: format!(
-            "needs revision {revision} of DatabaseMigration {name}; {reported}{state}"
-        ),
+    match undetermined {
+        None => Verdict::Held {
+            reason: "RevisionPending",
+            message: format!(
+                "needs revision {revision} of DatabaseMigration {name}; {reported}{state}"
+            ),
+            fresh_read_helps: false,
+        },
+        Some((why, fresh_read_helps)) => Verdict::Held {
+            reason: "RevisionUndetermined",
+            message: format!(
+                "needs revision {revision} of DatabaseMigration {name}, and whether it is applied cannot be told yet: {why}{state}"
+            ),
+            fresh_read_helps,
+        },
     }
 }
 
@@ -165,6 +203,99 @@ pub fn decide(
     }
 }
 
+/// Which object an Event of the gate is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoteOn {
+    Deployment,
+    /// The DatabaseMigration the Deployment names, when it exists.
+    Migration,
+}
+
+/// An Event the gate publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateNote {
+    pub on: NoteOn,
+    pub reason: &'static str,
+    pub action: &'static str,
+    pub message: String,
+}
+
+/// The Events that tell a person about a gate decision: a hold or a release on the
+/// Deployment and its DatabaseMigration, and, while a hold lasts, why on the Deployment.
+pub fn notes(
+    deployment: &Deployment,
+    requirement: Option<&Requirement>,
+    verdict: &Verdict,
+    change: &GateChange,
+) -> Vec<GateNote> {
+    let name = deployment.name_any();
+    let both = |reason: &'static str, action: &'static str, message: String| {
+        vec![
+            GateNote {
+                on: NoteOn::Deployment,
+                reason,
+                action,
+                message: crate::conditions::event_note(&message),
+            },
+            GateNote {
+                on: NoteOn::Migration,
+                reason,
+                action,
+                message: crate::conditions::event_note(&format!("Deployment {name}: {message}")),
+            },
+        ]
+    };
+    match (change, verdict) {
+        (
+            GateChange::Hold { .. },
+            Verdict::Held {
+                reason, message, ..
+            },
+        ) => both(
+            "RolloutHeld",
+            "Hold",
+            format!("rollout paused by schemagate ({reason}): {message}"),
+        ),
+        // Held already, by the webhook at admission or earlier: say why, with what the
+        // database reports now. Identical Events are counted as one series.
+        (
+            GateChange::None,
+            Verdict::Held {
+                reason, message, ..
+            },
+        ) if held_by_schemagate(deployment) => {
+            vec![GateNote {
+                on: NoteOn::Deployment,
+                reason: "RolloutHeld",
+                action: "Hold",
+                message: crate::conditions::event_note(&format!(
+                    "rollout paused by schemagate ({reason}): {message}"
+                )),
+            }]
+        }
+        (GateChange::Release, _) => {
+            let why = match requirement {
+                Some(r) => format!(
+                    "the database reports revision {} of DatabaseMigration {}",
+                    r.revision, r.migration
+                ),
+                None if !deployment.labels().contains_key(MIGRATION_LABEL) => format!(
+                    "the Deployment no longer carries label {MIGRATION_LABEL}, so schemagate no longer gates it"
+                ),
+                None => format!(
+                    "its pod template no longer carries annotation {REVISION_ANNOTATION}, so there is no revision to wait for"
+                ),
+            };
+            both(
+                "RolloutReleased",
+                "Release",
+                format!("rollout resumed by schemagate: {why}"),
+            )
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// The JSON merge patch of a change, guarded by the Deployment's resourceVersion so that a
 /// concurrent change (a person pausing it) is never overwritten.
 pub fn merge_patch(deployment: &Deployment, change: &GateChange) -> Option<serde_json::Value> {
@@ -174,6 +305,7 @@ pub fn merge_patch(deployment: &Deployment, change: &GateChange) -> Option<serde
             "metadata": {
                 "resourceVersion": resource_version,
                 "annotations": { HELD_FOR_ANNOTATION: revision },
+                "labels": { HELD_LABEL: "true" },
             },
             "spec": { "paused": true },
         })),
@@ -181,6 +313,7 @@ pub fn merge_patch(deployment: &Deployment, change: &GateChange) -> Option<serde
             "metadata": {
                 "resourceVersion": resource_version,
                 "annotations": { HELD_FOR_ANNOTATION: null },
+                "labels": { HELD_LABEL: null },
             },
             "spec": { "paused": false },
         })),
@@ -191,11 +324,12 @@ pub fn merge_patch(deployment: &Deployment, change: &GateChange) -> Option<serde
 /// The same change as RFC 6902 operations, for the admission webhook's response.
 pub fn json_patch(deployment: &Deployment, change: &GateChange) -> Vec<serde_json::Value> {
     // `~1` is how a JSON pointer spells `/` inside a key.
-    let held_for = format!(
-        "/metadata/annotations/{}",
-        HELD_FOR_ANNOTATION.replace('~', "~0").replace('/', "~1")
-    );
+    let pointer = |key: &str| key.replace('~', "~0").replace('/', "~1");
+    let held_for = format!("/metadata/annotations/{}", pointer(HELD_FOR_ANNOTATION));
+    let held_label = format!("/metadata/labels/{}", pointer(HELD_LABEL));
     let has_annotations = deployment.metadata.annotations.is_some();
+    let has_labels = deployment.metadata.labels.is_some();
+    let has_held_label = deployment.labels().contains_key(HELD_LABEL);
     match change {
         GateChange::Hold { revision } => {
             let mut operations = Vec::new();
@@ -205,14 +339,25 @@ pub fn json_patch(deployment: &Deployment, change: &GateChange) -> Vec<serde_jso
                 );
             }
             operations.push(serde_json::json!({"op": "add", "path": held_for, "value": revision}));
+            if !has_labels {
+                operations.push(
+                    serde_json::json!({"op": "add", "path": "/metadata/labels", "value": {}}),
+                );
+            }
+            operations.push(serde_json::json!({"op": "add", "path": held_label, "value": "true"}));
             operations
                 .push(serde_json::json!({"op": "add", "path": "/spec/paused", "value": true}));
             operations
         }
-        GateChange::Release => vec![
-            serde_json::json!({"op": "remove", "path": held_for}),
-            serde_json::json!({"op": "add", "path": "/spec/paused", "value": false}),
-        ],
+        GateChange::Release => {
+            let mut operations = vec![serde_json::json!({"op": "remove", "path": held_for})];
+            if has_held_label {
+                operations.push(serde_json::json!({"op": "remove", "path": held_label}));
+            }
+            operations
+                .push(serde_json::json!({"op": "add", "path": "/spec/paused", "value": false}));
+            operations
+        }
         GateChange::None => Vec::new(),
     }
 }
@@ -221,6 +366,7 @@ pub fn json_patch(deployment: &Deployment, change: &GateChange) -> Vec<serde_jso
 mod tests {
     use super::*;
     use crate::testing::migration_from_yaml;
+    use schemagate_crds::{RevisionGraphStatus, RevisionNode};
 
     fn deployment(yaml: &str) -> Deployment {
         serde_yaml::from_str(yaml).unwrap()
@@ -279,7 +425,7 @@ spec:
         match pending {
             Verdict::Held { message, .. } => {
                 assert!(message.contains("needs revision 0002"), "{message}");
-                assert!(message.contains("reports revision 0001"), "{message}");
+                assert!(message.contains("head 0001"), "{message}");
             }
             Verdict::Satisfied => panic!("released early"),
         }
@@ -293,11 +439,71 @@ spec:
     }
 
     #[test]
-    fn older_revision_seen_before_the_head_is_satisfied() {
+    fn an_ancestor_of_the_head_in_the_images_graph_is_satisfied() {
         let mut v1 = requirement(&deployment(APP_V2)).unwrap();
         v1.revision = "a1b2c3".into();
-        let migration = migration_with(Some("ffee00"), &["a1b2c3", "ffee00"]);
+        let mut migration = migration_with(Some("ffee00"), &["ffee00"]);
+        // Without the graph, only the head itself is known applied: held, saying why.
+        match evaluate(Some(&migration), &v1) {
+            Verdict::Held {
+                reason, message, ..
+            } => {
+                assert_eq!(reason, "RevisionUndetermined");
+                assert!(message.contains("revision graph"), "{message}");
+            }
+            Verdict::Satisfied => panic!("released on a guess"),
+        }
+        if let Ok(m) = &mut migration.0 {
+            m.status.as_mut().unwrap().revision_graph = Some(RevisionGraphStatus {
+                job: "app-db-graph-1".into(),
+                image: "app:v2".into(),
+                revisions: vec![
+                    RevisionNode {
+                        revision: "ffee00".into(),
+                        parents: vec!["a1b2c3".into()],
+                    },
+                    RevisionNode {
+                        revision: "a1b2c3".into(),
+                        parents: vec![],
+                    },
+                ],
+                ..Default::default()
+            });
+        }
         assert_eq!(evaluate(Some(&migration), &v1), Verdict::Satisfied);
+    }
+
+    #[test]
+    fn a_truncated_applied_set_holds_until_a_fresh_read_decides() {
+        let mut migration = migration_with(Some("300"), &["299", "300"]);
+        if let Ok(m) = &mut migration.0 {
+            m.spec.database.tracking.tool = Some(schemagate_crds::TrackingTool::Flyway);
+            m.status.as_mut().unwrap().applied_revisions_truncated = true;
+        }
+        let mut old = requirement(&deployment(APP_V2)).unwrap();
+        old.revision = "12".into();
+        match evaluate(Some(&migration), &old) {
+            Verdict::Held {
+                fresh_read_helps, ..
+            } => assert!(fresh_read_helps),
+            Verdict::Satisfied => panic!("released on a guess"),
+        }
+        let fresh = AppliedRevisions {
+            revisions: (1..=300).map(|v| v.to_string()).collect(),
+            head_only: false,
+        };
+        assert_eq!(
+            evaluate_with(Some(&migration), &old, Some(&fresh)),
+            Verdict::Satisfied
+        );
+        old.revision = "301".into();
+        assert!(matches!(
+            evaluate_with(Some(&migration), &old, Some(&fresh)),
+            Verdict::Held {
+                reason: "RevisionPending",
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -307,6 +513,7 @@ spec:
         let held = Verdict::Held {
             reason: "RevisionPending",
             message: String::new(),
+            fresh_read_helps: false,
         };
         assert_eq!(
             decide(&app, Some(&requirement), &held),
@@ -364,6 +571,10 @@ spec:
             operations[1]["path"],
             "/metadata/annotations/schemagate.dev~1held-for"
         );
-        assert_eq!(operations[2]["value"], true);
+        assert_eq!(
+            operations[2]["path"],
+            "/metadata/labels/schemagate.dev~1held"
+        );
+        assert_eq!(operations[3]["value"], true);
     }
 }

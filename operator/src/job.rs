@@ -7,7 +7,9 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
-use schemagate_crds::{DatabaseMigration, RETRY_ANNOTATION, REVISION_ANNOTATION};
+use schemagate_crds::{
+    DatabaseMigration, MigratorSpec, RETRY_ANNOTATION, REVISION_ANNOTATION, TrackingTool,
+};
 use std::collections::BTreeMap;
 
 /// Label on every Job and pod schemagate creates, for label-scoped watches.
@@ -25,6 +27,14 @@ pub const DEFAULT_URL_ENV: &str = "DATABASE_URL";
 /// Default deadline of one migration.
 pub const DEFAULT_ACTIVE_DEADLINE_SECONDS: i64 = 600;
 const CONTAINER_NAME: &str = "migrate";
+/// The container of a revision-graph Job.
+pub const GRAPH_CONTAINER_NAME: &str = "revision-graph";
+/// Label saying what a Job schemagate made is for: `migration` or `revision-graph`.
+pub const PURPOSE_LABEL: &str = "schemagate.dev/purpose";
+/// How long a revision-graph Job may run.
+const GRAPH_DEADLINE_SECONDS: i64 = 120;
+/// A finished revision-graph Job is removed after this long: its report is in the status.
+const GRAPH_TTL_SECONDS: i32 = 600;
 
 /// FNV-1a: stable across Rust releases and platforms, unlike `DefaultHasher`, so Job names
 /// survive operator upgrades.
@@ -42,7 +52,12 @@ fn fnv1a(parts: &[&str]) -> u64 {
 /// The identity of one attempt: everything that, when changed, calls for a new Job.
 pub fn attempt_key(migration: &DatabaseMigration) -> String {
     let spec = &migration.spec;
-    let migrator = serde_json::to_string(&spec.migrator).unwrap_or_default();
+    // The graph command reads, never migrates: changing it is no new migration attempt.
+    let migrator = MigratorSpec {
+        revision_graph_command: Vec::new(),
+        ..spec.migrator.clone()
+    };
+    let migrator = serde_json::to_string(&migrator).unwrap_or_default();
     let database = serde_json::to_string(&spec.database).unwrap_or_default();
     let retry = retry_token(migration).unwrap_or_default();
     format!(
@@ -109,34 +124,13 @@ pub fn build_job(migration: &DatabaseMigration) -> Job {
         (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
         (OWNER_LABEL.to_string(), migration.name_any()),
         (DATABASE_LABEL.to_string(), database_key(migration)),
+        (PURPOSE_LABEL.to_string(), "migration".to_string()),
     ]);
     let annotations = BTreeMap::from([
         (REVISION_ANNOTATION.to_string(), spec.revision.clone()),
         (REQUESTED_BY_ANNOTATION.to_string(), requested_by(migration)),
     ]);
-    let container_security = migrator
-        .security_context
-        .clone()
-        .unwrap_or_else(|| SecurityContext {
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_string()]),
-                ..Default::default()
-            }),
-            run_as_non_root: Some(true),
-            seccomp_profile: Some(runtime_default_seccomp()),
-            ..Default::default()
-        });
-    let pod_security =
-        migrator
-            .pod_security_context
-            .clone()
-            .unwrap_or_else(|| PodSecurityContext {
-                run_as_non_root: Some(true),
-                seccomp_profile: Some(runtime_default_seccomp()),
-                ..Default::default()
-            });
-
+    let (container_security, pod_security) = security(migrator);
     Job {
         metadata: ObjectMeta {
             name: Some(job_name(migration)),
@@ -186,6 +180,149 @@ pub fn build_job(migration: &DatabaseMigration) -> Job {
     }
 }
 
+/// The container and pod security contexts of the migrator: Pod Security Standard
+/// "restricted" unless the resource overrides them.
+fn security(migrator: &MigratorSpec) -> (SecurityContext, PodSecurityContext) {
+    let container = migrator
+        .security_context
+        .clone()
+        .unwrap_or_else(|| SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_string()]),
+                ..Default::default()
+            }),
+            run_as_non_root: Some(true),
+            seccomp_profile: Some(runtime_default_seccomp()),
+            ..Default::default()
+        });
+    let pod = migrator
+        .pod_security_context
+        .clone()
+        .unwrap_or_else(|| PodSecurityContext {
+            run_as_non_root: Some(true),
+            seccomp_profile: Some(runtime_default_seccomp()),
+            ..Default::default()
+        });
+    (container, pod)
+}
+
+/// Whether this migration's tool needs the revision graph of the migrator image.
+pub fn needs_revision_graph(migration: &DatabaseMigration) -> bool {
+    migration.spec.database.tracking.tool == Some(TrackingTool::Alembic)
+}
+
+/// Deterministic name of the revision-graph Job of the current image, command and retry:
+/// `<name>-graph-<10 hex>`, at most 63 characters.
+pub fn graph_job_name(migration: &DatabaseMigration) -> String {
+    let command = revision_graph_command(&migration.spec.migrator).join("\u{0}");
+    let retry = retry_token(migration).unwrap_or_default();
+    let key = fnv1a(&[&migration.spec.migrator.image, &command, &retry]);
+    let name = migration.name_any();
+    let prefix: String = name.chars().take(46).collect();
+    let prefix = prefix.trim_end_matches('-');
+    format!("{prefix}-graph-{}", &format!("{key:016x}")[..10])
+}
+
+/// The command that reports the revision graph: the resource's own, or `python3` with the
+/// built-in script and the Alembic configuration the migrator's command names.
+pub fn revision_graph_command(migrator: &MigratorSpec) -> Vec<String> {
+    if !migrator.revision_graph_command.is_empty() {
+        return migrator.revision_graph_command.clone();
+    }
+    let words: Vec<&str> = migrator
+        .command
+        .iter()
+        .chain(&migrator.args)
+        .map(String::as_str)
+        .collect();
+    let option = |short: &str, long: &str| -> String {
+        let long_eq = format!("{long}=");
+        words
+            .iter()
+            .enumerate()
+            .find_map(|(i, word)| {
+                if *word == short || *word == long {
+                    words.get(i + 1).map(|v| v.to_string())
+                } else {
+                    word.strip_prefix(long_eq.as_str()).map(str::to_string)
+                }
+            })
+            .unwrap_or_default()
+    };
+    vec![
+        "python3".to_string(),
+        "-c".to_string(),
+        crate::revision::ALEMBIC_GRAPH_SCRIPT.to_string(),
+        option("-c", "--config"),
+        option("-n", "--name"),
+    ]
+}
+
+/// The revision-graph Job: the migrator image runs the graph command, with the migrator's
+/// own environment but never the database URL, and writes the graph of its migration
+/// scripts as its termination message. It reads files only.
+pub fn build_graph_job(migration: &DatabaseMigration) -> Job {
+    let migrator = &migration.spec.migrator;
+    let url_env = migrator
+        .url_env_name
+        .clone()
+        .unwrap_or_else(|| DEFAULT_URL_ENV.to_string());
+    let env: Vec<EnvVar> = migrator
+        .env
+        .iter()
+        .filter(|e| e.name != url_env)
+        .cloned()
+        .collect();
+    let labels = BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        (OWNER_LABEL.to_string(), migration.name_any()),
+        (PURPOSE_LABEL.to_string(), "revision-graph".to_string()),
+    ]);
+    let (container_security, pod_security) = security(migrator);
+    let command = revision_graph_command(migrator);
+    Job {
+        metadata: ObjectMeta {
+            name: Some(graph_job_name(migration)),
+            namespace: migration.namespace(),
+            labels: Some(labels.clone()),
+            owner_references: migration.controller_owner_ref(&()).map(|owner| vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            active_deadline_seconds: Some(GRAPH_DEADLINE_SECONDS),
+            ttl_seconds_after_finished: Some(GRAPH_TTL_SECONDS),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".to_string()),
+                    service_account_name: migrator.service_account_name.clone(),
+                    automount_service_account_token: Some(false),
+                    security_context: Some(pod_security),
+                    containers: vec![Container {
+                        name: GRAPH_CONTAINER_NAME.to_string(),
+                        image: Some(migrator.image.clone()),
+                        command: Some(command),
+                        env: non_empty(&env),
+                        resources: migrator.resources.clone(),
+                        security_context: Some(container_security),
+                        termination_message_path: Some("/dev/termination-log".to_string()),
+                        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
 fn runtime_default_seccomp() -> SeccompProfile {
     SeccompProfile {
         type_: "RuntimeDefault".to_string(),
@@ -193,7 +330,7 @@ fn runtime_default_seccomp() -> SeccompProfile {
     }
 }
 
-fn non_empty(items: &[String]) -> Option<Vec<String>> {
+fn non_empty<T: Clone>(items: &[T]) -> Option<Vec<T>> {
     (!items.is_empty()).then(|| items.to_vec())
 }
 
@@ -266,6 +403,55 @@ mod tests {
             container.termination_message_policy.as_deref(),
             Some("FallbackToLogsOnError")
         );
+    }
+
+    #[test]
+    fn graph_job_reads_the_image_without_the_database_url() {
+        let migration = migration_from_yaml(MIGRATION);
+        let job = build_graph_job(&migration);
+        assert_eq!(job.metadata.name, Some(graph_job_name(&migration)));
+        assert!(graph_job_name(&migration).starts_with("app-db-graph-"));
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        let container = &pod.containers[0];
+        assert_eq!(
+            container.image.as_deref(),
+            Some("registry.example/app:4515ca8")
+        );
+        let env = container.env.as_ref().unwrap();
+        assert!(env.iter().all(|e| e.name != "DATABASE_URL"), "{env:?}");
+        let labels = job.metadata.labels.unwrap();
+        assert!(!labels.contains_key(DATABASE_LABEL));
+        let command = container.command.as_ref().unwrap();
+        assert_eq!(command[0], "python3");
+        assert_eq!(&command[3..], ["", ""]);
+    }
+
+    #[test]
+    fn graph_command_follows_the_migrators_alembic_config() {
+        let mut migration = migration_from_yaml(MIGRATION);
+        migration.spec.migrator.command = vec!["alembic".into()];
+        migration.spec.migrator.args = [
+            "-c",
+            "deploy/alembic.ini",
+            "--name=tenants",
+            "upgrade",
+            "head",
+        ]
+        .map(String::from)
+        .to_vec();
+        let command = revision_graph_command(&migration.spec.migrator);
+        assert_eq!(&command[3..], ["deploy/alembic.ini", "tenants"]);
+        let before = job_name(&migration);
+        let graph_before = graph_job_name(&migration);
+        migration.spec.migrator.revision_graph_command = vec!["report-graph".into()];
+        assert_eq!(
+            revision_graph_command(&migration.spec.migrator),
+            ["report-graph"]
+        );
+        assert_eq!(job_name(&migration), before, "no new migration attempt");
+        assert_ne!(graph_job_name(&migration), graph_before);
+        migration.metadata.name = Some("a".repeat(253));
+        assert!(graph_job_name(&migration).len() <= 63);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod job;
 pub mod observe;
 pub mod plan;
 pub mod probe;
+pub mod revision;
 pub mod run;
 pub mod telemetry;
 pub mod webhook;

@@ -4,7 +4,7 @@
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::job;
-use crate::plan::{JobState, Observed, ObservedJob};
+use crate::plan::{GraphJob, JobState, Observed, ObservedJob};
 use crate::probe::{self, AppliedRevisions};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
@@ -44,11 +44,13 @@ pub async fn observe(ctx: &Context, migration: &DatabaseMigration) -> Result<Obs
         Err(error) => Err(error),
     };
     let held_deployments = held_deployments(ctx, &namespace, &migration.name_any()).await?;
+    let graph_job = observe_graph_job(ctx, &jobs, &namespace, migration).await?;
     Ok(Observed {
         job,
         other_active_job,
         database,
         held_deployments,
+        graph_job,
     })
 }
 
@@ -91,6 +93,76 @@ pub async fn read_database_url_with(
             name: reference.name.clone(),
             key: reference.key.clone(),
         })
+}
+
+/// The revision-graph Job of the current image, when the status has no graph from it yet.
+async fn observe_graph_job(
+    ctx: &Context,
+    jobs: &Api<Job>,
+    namespace: &str,
+    migration: &DatabaseMigration,
+) -> Result<GraphJob> {
+    if !job::needs_revision_graph(migration) {
+        return Ok(GraphJob::NotNeeded);
+    }
+    let name = job::graph_job_name(migration);
+    let known = migration
+        .status
+        .as_ref()
+        .and_then(|s| s.revision_graph.as_ref())
+        .is_some_and(|graph| graph.job == name);
+    if known {
+        return Ok(GraphJob::NotNeeded);
+    }
+    let Some(found) = jobs
+        .get_opt(&name)
+        .await
+        .map_err(Error::kube(format!("get Job {name}")))?
+    else {
+        return Ok(GraphJob::Missing);
+    };
+    let status = found.status.clone().unwrap_or_default();
+    let finished = |type_: &str| {
+        status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == type_ && c.status == "True")
+            .cloned()
+    };
+    if finished("Complete").is_some() {
+        let report = termination(ctx, namespace, &name)
+            .await?
+            .and_then(|(_, message)| message)
+            .unwrap_or_default();
+        return Ok(GraphJob::Reported { name, report });
+    }
+    if let Some(failed) = finished("Failed") {
+        let output =
+            termination(ctx, namespace, &name)
+                .await?
+                .map(|(code, message)| match message {
+                    Some(message) => format!("exit code {code}: {}", scrub(&message, None)),
+                    None => format!("exit code {code}"),
+                });
+        let reason = failed.reason.unwrap_or_else(|| "Failed".to_string());
+        let message = match output {
+            Some(output) => format!("Job {name} failed ({reason}): {output}"),
+            None => format!("Job {name} failed ({reason})"),
+        };
+        return Ok(GraphJob::Failed { name, message });
+    }
+    Ok(GraphJob::Running { name })
+}
+
+/// What the database reports now, read through the DatabaseMigration's Secret.
+pub async fn probe_database(
+    client: &kube::Client,
+    namespace: &str,
+    migration: &DatabaseMigration,
+) -> Result<AppliedRevisions> {
+    let url = read_database_url_with(client, namespace, migration).await?;
+    probe_with_timeout(migration, &url).await
 }
 
 async fn probe_with_timeout(migration: &DatabaseMigration, url: &str) -> Result<AppliedRevisions> {
@@ -136,9 +208,12 @@ async fn observe_job(
         JobState::Active
     };
     let message = if matches!(state, JobState::Failed { .. }) {
-        termination_message(ctx, namespace, &name)
+        termination(ctx, namespace, &name)
             .await?
-            .map(|text| scrub(&text, url))
+            .map(|(code, message)| match message {
+                Some(message) => scrub(&format!("exit code {code}: {message}"), url),
+                None => format!("exit code {code}"),
+            })
     } else {
         None
     };
@@ -160,12 +235,12 @@ pub fn scrub(text: &str, url: Option<&str>) -> String {
     crate::conditions::truncate_start(scrubbed.trim(), MESSAGE_TAIL)
 }
 
-/// The newest pod's termination message of a Job.
-async fn termination_message(
+/// The exit code and termination message of the newest pod of a Job.
+async fn termination(
     ctx: &Context,
     namespace: &str,
     job_name: &str,
-) -> Result<Option<String>> {
+) -> Result<Option<(i32, Option<String>)>> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let mut list = pods
         .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")))
@@ -182,10 +257,7 @@ async fn termination_message(
             .find_map(|status| {
                 let terminated = status.state.as_ref()?.terminated.as_ref()?;
                 let message = terminated.message.clone().filter(|m| !m.trim().is_empty());
-                Some(match message {
-                    Some(message) => format!("exit code {}: {message}", terminated.exit_code),
-                    None => format!("exit code {}", terminated.exit_code),
-                })
+                Some((terminated.exit_code, message))
             })
     }))
 }

@@ -5,19 +5,19 @@ use crate::conditions::{Status, is_true, set_condition};
 use crate::duration::parse_duration;
 use crate::error::Error;
 use crate::job;
-use crate::probe::{self, AppliedRevisions};
+use crate::probe::AppliedRevisions;
+use crate::revision::{self, Answer, Applied, Graph, Scheme};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::EventType;
 use schemagate_crds::{
     DatabaseMigration, DatabaseMigrationStatus, HistoryEntry, MigrationJobStatus, Phase,
+    RevisionGraphStatus,
     condition::{DRIFTED, FAILED, PROGRESSING, READY},
 };
 use std::time::Duration;
 
-/// How many revisions `status.appliedRevisions` keeps.
-pub const MAX_APPLIED_REVISIONS: usize = 100;
 /// How many attempts `status.history` keeps.
 pub const MAX_HISTORY: usize = 10;
 /// Default of `spec.driftCheckInterval`.
@@ -38,6 +38,30 @@ pub struct Observed {
     pub database: Result<AppliedRevisions, Error>,
     /// Names of this migration's Deployments currently held by schemagate.
     pub held_deployments: Vec<String>,
+    /// The revision-graph Job of the current image (Alembic only).
+    pub graph_job: GraphJob,
+}
+
+/// Where the revision graph of the current migrator image stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GraphJob {
+    /// Not Alembic, or the status already holds this image's graph.
+    NotNeeded,
+    /// Not started yet.
+    Missing,
+    Running {
+        name: String,
+    },
+    /// Finished: its termination message.
+    Reported {
+        name: String,
+        report: String,
+    },
+    /// Failed: why, with the output tail.
+    Failed {
+        name: String,
+        message: String,
+    },
 }
 
 /// The migration Job as far as the plan cares.
@@ -83,6 +107,8 @@ pub enum Next {
 #[derive(Debug)]
 pub struct Plan {
     pub create_job: Option<Job>,
+    /// The revision-graph Job to start (Alembic), beside any migration Job.
+    pub create_graph_job: Option<Job>,
     pub status: DatabaseMigrationStatus,
     pub notes: Vec<Note>,
     pub next: Next,
@@ -96,6 +122,7 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
         previous: &previous,
         status: previous.clone(),
         notes: Vec::new(),
+        create_graph_job: None,
         now,
     };
     draft.status.observed_generation = migration.metadata.generation;
@@ -118,31 +145,60 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
         .and_then(parse_duration)
         .unwrap_or(DEFAULT_DRIFT_CHECK);
 
+    let graph_pending = draft.record_graph(&observed.graph_job);
     let applied = match observed.database {
         Ok(applied) => applied,
         Err(error) => return draft.database_unreadable(observed.job.as_ref(), error),
     };
     let required = migration.spec.revision.as_str();
-    let satisfied = probe::is_satisfied(&applied, required, &previous.applied_revisions);
-    let forward_to = observed
-        .job
+    let scheme = Scheme::of(&migration.spec.database.tracking);
+    let graph = draft
+        .status
+        .revision_graph
         .as_ref()
-        .map(|_| migration.spec.revision.as_str());
-    draft.status.applied_revisions =
-        next_applied_revisions(&applied, &previous.applied_revisions, forward_to);
-    draft.status.applied_revision = probe::current_revision(&applied, required);
+        .and_then(Graph::from_status);
+    let answer = revision::answer(
+        scheme,
+        Applied {
+            revisions: &applied.revisions,
+            complete: true,
+        },
+        graph.as_ref(),
+        required,
+    );
+    let (kept, truncated) = revision::for_status(&applied.revisions);
+    draft.status.applied_revisions = kept;
+    draft.status.applied_revisions_truncated = truncated;
+    draft.status.applied_revision = revision::display(scheme, &applied.revisions, required);
     let reported = draft.reported();
+    let job_active = matches!(
+        observed.job.as_ref().map(|j| &j.state),
+        Some(JobState::Active)
+    );
 
-    if satisfied {
-        return draft.satisfied(observed.job.as_ref(), drift_interval);
-    }
-    if satisfied_before(migration, &previous)
-        && !matches!(
-            observed.job.as_ref().map(|j| &j.state),
-            Some(JobState::Active)
-        )
-    {
-        return draft.drifted(&reported, drift_interval);
+    match answer {
+        Answer::Satisfied => return draft.satisfied(observed.job.as_ref(), drift_interval),
+        Answer::NotSatisfied if applied_before(migration, &previous) && !job_active => {
+            return draft.drifted(&reported, drift_interval);
+        }
+        Answer::NotSatisfied => {}
+        Answer::CannotTell { .. } if job_active => {}
+        Answer::CannotTell { why, .. } if graph_pending => {
+            return draft.pending(
+                "ReadingRevisionGraph",
+                format!(
+                    "reading the revision graph of image {} before deciding whether to migrate: {why}",
+                    migration.spec.migrator.image
+                ),
+                Next::Requeue(WAITING_RECHECK),
+            );
+        }
+        Answer::CannotTell { why, .. } if applied_before(migration, &previous) => {
+            return draft.undetermined(&why, drift_interval);
+        }
+        // Never applied here and not decidable: the migrator decides, and the database
+        // is read again after it.
+        Answer::CannotTell { .. } => {}
     }
     let job_name = job::job_name(migration);
     match observed.job {
@@ -211,58 +267,26 @@ pub fn validate(migration: &DatabaseMigration) -> Result<(), String> {
     Ok(())
 }
 
-/// The revisions the gate may release: the tool's applied set, or for head-only tools the
-/// heads seen in order. A head seen before cuts the list after it (a downgrade forgets what
-/// came after); a new head extends it only when it is the target of this resource's own
-/// migration (`forward_to`), whose order is known; any other new head starts the list anew,
-/// since nothing says whether it is newer or older.
-pub fn next_applied_revisions(
-    applied: &AppliedRevisions,
-    previous: &[String],
-    forward_to: Option<&str>,
-) -> Vec<String> {
-    let mut revisions = if applied.head_only {
-        let heads = &applied.revisions;
-        let positions: Option<Vec<usize>> = heads
-            .iter()
-            .map(|head| previous.iter().position(|r| r == head))
-            .collect();
-        match positions {
-            _ if heads.is_empty() => Vec::new(),
-            Some(positions) => {
-                let last = positions.into_iter().max().unwrap_or(0);
-                previous[..=last].to_vec()
-            }
-            None if forward_to.is_some_and(|target| heads.iter().any(|h| h == target)) => {
-                let mut seen = previous.to_vec();
-                seen.extend(heads.iter().filter(|h| !previous.contains(h)).cloned());
-                seen
-            }
-            None => heads.clone(),
-        }
-    } else {
-        applied.revisions.clone()
-    };
-    if revisions.len() > MAX_APPLIED_REVISIONS {
-        revisions.drain(..revisions.len() - MAX_APPLIED_REVISIONS);
-    }
-    revisions
-}
-
-/// Whether the database already reported the revision for the current attempt (this
-/// generation, or this retry). Read from the history, which a passing probe error does not
-/// change: a database that drifts during an outage is still reported as drifted, and not
-/// migrated again without a retry.
-fn satisfied_before(migration: &DatabaseMigration, previous: &DatabaseMigrationStatus) -> bool {
-    let requested_by = job::requested_by(migration);
+/// Whether the database already reported `spec.revision` to this resource, for the current
+/// retry token: a spec edit that keeps the revision (a new image) changes nothing, while a
+/// new value of the retry annotation or a new revision asks for a migration again. Read
+/// from the history, which a passing probe error does not change: a database that drifts
+/// during an outage is still reported as drifted, and not migrated again by itself.
+fn applied_before(migration: &DatabaseMigration, previous: &DatabaseMigrationStatus) -> bool {
+    let token = job::retry_token(migration);
     let recorded = previous.history.iter().any(|h| {
         h.revision == migration.spec.revision
             && h.result != "Failed"
-            && h.requested_by.as_deref() == Some(requested_by.as_str())
+            && retry_of(h) == token.as_deref()
     });
     let ready = is_true(&previous.conditions, READY)
         && previous.observed_generation == migration.metadata.generation;
     recorded || ready
+}
+
+/// The retry token a history entry answered (`retry X`), if any.
+fn retry_of(entry: &HistoryEntry) -> Option<&str> {
+    entry.requested_by.as_deref()?.strip_prefix("retry ")
 }
 
 /// The status being written, with the helpers that fill it in for each outcome.
@@ -271,6 +295,7 @@ struct Draft<'a> {
     previous: &'a DatabaseMigrationStatus,
     status: DatabaseMigrationStatus,
     notes: Vec<Note>,
+    create_graph_job: Option<Job>,
     now: Timestamp,
 }
 
@@ -349,6 +374,55 @@ impl Draft<'_> {
         }
     }
 
+    /// Takes in what the revision-graph Job reported and starts it when the current image's
+    /// graph is not known; says whether the graph is still to come.
+    fn record_graph(&mut self, graph_job: &GraphJob) -> bool {
+        let image = self.migration.spec.migrator.image.clone();
+        match graph_job {
+            GraphJob::NotNeeded => false,
+            GraphJob::Running { .. } => true,
+            GraphJob::Missing => {
+                self.create_graph_job = Some(job::build_graph_job(self.migration));
+                true
+            }
+            GraphJob::Reported { name, report } => {
+                self.status.revision_graph = Some(match Graph::parse_report(report) {
+                    Ok(graph) => RevisionGraphStatus {
+                        job: name.clone(),
+                        image,
+                        revisions: graph.nodes(),
+                        truncated: graph.truncated,
+                        error: None,
+                    },
+                    Err(problem) => RevisionGraphStatus {
+                        job: name.clone(),
+                        image,
+                        error: Some(problem),
+                        ..Default::default()
+                    },
+                });
+                false
+            }
+            GraphJob::Failed { name, message } => {
+                let message = format!(
+                    "{message}; set spec.migrator.revisionGraphCommand if the image has no python3 that can import alembic, then set annotation schemagate.dev/retry"
+                );
+                self.notes.push(Note {
+                    type_: EventType::Warning,
+                    reason: "RevisionGraphFailed",
+                    message: message.clone(),
+                });
+                self.status.revision_graph = Some(RevisionGraphStatus {
+                    job: name.clone(),
+                    image,
+                    error: Some(message),
+                    ..Default::default()
+                });
+                false
+            }
+        }
+    }
+
     fn attempt_already_failed(&self, job_name: &str) -> bool {
         self.previous
             .history
@@ -359,6 +433,7 @@ impl Draft<'_> {
     fn finish(self, create_job: Option<Job>, next: Next) -> Plan {
         Plan {
             create_job,
+            create_graph_job: self.create_graph_job,
             status: self.status,
             notes: self.notes,
             next,
@@ -417,11 +492,12 @@ impl Draft<'_> {
                 );
             }
             None => {
-                let requested_by = job::requested_by(self.migration);
+                // One entry per revision and retry token: a new image is no new attempt.
+                let token = job::retry_token(self.migration);
                 let adopted = self.status.history.iter().any(|h| {
                     h.revision == revision
                         && h.result != "Failed"
-                        && h.requested_by.as_deref() == Some(requested_by.as_str())
+                        && retry_of(h) == token.as_deref()
                 });
                 if !adopted {
                     let entry = self.history_entry(None, "Adopted");
@@ -442,12 +518,26 @@ impl Draft<'_> {
     fn drifted(mut self, reported: &str, drift_interval: Duration) -> Plan {
         let revision = &self.migration.spec.revision;
         let message = format!(
-            "the database now reports {reported}, not revision {revision} it reported before (a restore or a manual downgrade?); Deployments needing {revision} are held again; set annotation schemagate.dev/retry to a new value to run the migration again"
+            "the database now reports {reported}, below revision {revision} it reported before (a restore or a manual downgrade?); Deployments needing {revision} are held again, and no migration runs until a person asks: set annotation schemagate.dev/retry to a new value to run the migration again"
         );
         self.status.phase = Some(Phase::Failed);
         self.set(READY, Status::False, "Drifted", &message);
         self.set(DRIFTED, Status::True, "RevisionMissing", &message);
         self.note_on_transition(EventType::Warning, "Drifted", message);
+        self.finish(None, Next::Requeue(drift_interval))
+    }
+
+    /// The revision was applied here before, and what the database reports now cannot be
+    /// placed (an Alembic head the image's graph does not contain): no Job, no guess.
+    fn undetermined(mut self, why: &str, drift_interval: Duration) -> Plan {
+        let revision = &self.migration.spec.revision;
+        let message = format!(
+            "cannot tell whether revision {revision} is still applied: {why}; Deployments needing it are held"
+        );
+        self.status.phase = Some(Phase::Pending);
+        self.set(READY, Status::False, "RevisionUndetermined", &message);
+        self.set(PROGRESSING, Status::False, "RevisionUndetermined", &message);
+        self.note_on_transition(EventType::Warning, "RevisionUndetermined", message);
         self.finish(None, Next::Requeue(drift_interval))
     }
 
@@ -558,6 +648,7 @@ mod tests {
             other_active_job: None,
             database,
             held_deployments: vec![],
+            graph_job: GraphJob::NotNeeded,
         }
     }
 
@@ -739,6 +830,7 @@ mod tests {
     #[test]
     fn drift_after_ready_is_reported() {
         let mut migration = migration_from_yaml(MIGRATION);
+        with_graph(&mut migration);
         let ready = plan(&migration, observed(Ok(heads(&["0002"])), None), now());
         migration.status = Some(ready.status);
         // A passing probe error in between does not make the drift look like a new attempt.
@@ -775,23 +867,160 @@ mod tests {
         assert_eq!(condition(&plan, READY).reason, "WaitingForOtherMigration");
     }
 
+    /// The incident's graph, as the revision-graph Job of the image reports it.
+    fn with_graph(migration: &mut DatabaseMigration) {
+        let job = job::graph_job_name(migration);
+        let status = migration.status.get_or_insert_with(Default::default);
+        status.revision_graph = Some(RevisionGraphStatus {
+            job,
+            image: migration.spec.migrator.image.clone(),
+            revisions: Graph::parse_report(&format!(
+                "{}\n0003\n0002\n0001 -\n",
+                revision::GRAPH_REPORT_HEADER
+            ))
+            .unwrap()
+            .nodes(),
+            ..Default::default()
+        });
+    }
+
     #[test]
-    fn seen_order_keeps_heads_and_forgets_after_a_downgrade() {
-        let seen = next_applied_revisions(&heads(&["a1"]), &[], None);
-        let seen = next_applied_revisions(&heads(&["b2"]), &seen, Some("b2"));
-        assert_eq!(seen, vec!["a1", "b2"]);
-        let downgraded = next_applied_revisions(&heads(&["a1"]), &seen, None);
-        assert_eq!(downgraded, vec!["a1"]);
-        // A head nobody here applied may be older or newer: only it is known applied.
-        let unknown = next_applied_revisions(&heads(&["c3"]), &seen, None);
-        assert_eq!(unknown, vec!["c3"]);
-        let history = AppliedRevisions {
-            revisions: vec!["1".into(), "2".into()],
+    fn drift_waits_for_a_person_even_after_spec_edits_that_keep_the_revision() {
+        let mut migration = migration_from_yaml(MIGRATION);
+        with_graph(&mut migration);
+        let ready = plan(&migration, observed(Ok(heads(&["0002"])), None), now());
+        migration.status = Some(ready.status);
+        // Each release bumps the migrator image: a new generation, the same revision.
+        for generation in 4..7 {
+            migration.metadata.generation = Some(generation);
+            migration.spec.migrator.image = format!("registry.example/app:{generation}");
+            let again = plan(&migration, observed(Ok(heads(&["0002"])), None), now());
+            assert!(again.create_job.is_none());
+            migration.status = Some(again.status);
+        }
+        with_graph(&mut migration);
+        let drifted = plan(&migration, observed(Ok(heads(&["0001"])), None), now());
+        assert_eq!(condition(&drifted, DRIFTED).status, "True");
+        assert!(drifted.create_job.is_none(), "drift starts no migration");
+        migration.status = Some(drifted.status);
+        let later = plan(&migration, observed(Ok(heads(&["0001"])), None), now());
+        assert!(later.create_job.is_none(), "nor a reconcile later");
+        // A person asks: a new retry value runs the migration.
+        migration
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                schemagate_crds::RETRY_ANNOTATION.into(),
+                "after-restore".into(),
+            );
+        let retried = plan(&migration, observed(Ok(heads(&["0001"])), None), now());
+        assert!(retried.create_job.is_some());
+    }
+
+    #[test]
+    fn a_database_moved_forward_out_of_band_is_adopted_not_drift() {
+        let mut migration = migration_from_yaml(MIGRATION);
+        with_graph(&mut migration);
+        let ready = plan(&migration, observed(Ok(heads(&["0002"])), None), now());
+        migration.status = Some(ready.status);
+        let forward = plan(&migration, observed(Ok(heads(&["0003"])), None), now());
+        assert_eq!(condition(&forward, READY).status, "True");
+        assert_eq!(forward.status.applied_revision.as_deref(), Some("0003"));
+        assert!(forward.create_job.is_none());
+
+        // A history tool: one more applied version is still a superset.
+        let mut flyway = migration_from_yaml(MIGRATION);
+        flyway.spec.database.tracking.tool = Some(schemagate_crds::TrackingTool::Flyway);
+        let history = |versions: &[&str]| AppliedRevisions {
+            revisions: versions.iter().map(|v| v.to_string()).collect(),
             head_only: false,
         };
+        let ready = plan(
+            &flyway,
+            observed(Ok(history(&["0001", "0002"])), None),
+            now(),
+        );
+        flyway.status = Some(ready.status);
+        let hotfix = plan(
+            &flyway,
+            observed(Ok(history(&["0001", "0002", "0002.1"])), None),
+            now(),
+        );
+        assert_eq!(condition(&hotfix, READY).status, "True");
+    }
+
+    #[test]
+    fn alembic_waits_for_the_images_graph_before_deciding_to_migrate() {
+        let mut migration = migration_from_yaml(MIGRATION);
+        // The database is at 0003 (migrated by hand); the resource asks for 0002.
+        let mut seen = observed(Ok(heads(&["0003"])), None);
+        seen.graph_job = GraphJob::Missing;
+        let first = plan(&migration, seen, now());
+        assert!(first.create_job.is_none(), "no migration on a guess");
+        let graph_job = first
+            .create_graph_job
+            .clone()
+            .expect("the graph is read first");
         assert_eq!(
-            next_applied_revisions(&history, &seen, None),
-            vec!["1", "2"]
+            graph_job.metadata.name,
+            Some(job::graph_job_name(&migration))
+        );
+        assert_eq!(condition(&first, READY).reason, "ReadingRevisionGraph");
+        migration.status = Some(first.status);
+
+        let mut reported = observed(Ok(heads(&["0003"])), None);
+        reported.graph_job = GraphJob::Reported {
+            name: job::graph_job_name(&migration),
+            report: format!("{}\n0003\n0002\n0001 -\n", revision::GRAPH_REPORT_HEADER),
+        };
+        let adopted = plan(&migration, reported, now());
+        assert!(adopted.create_job.is_none());
+        assert_eq!(condition(&adopted, READY).reason, "RevisionApplied");
+        assert_eq!(adopted.status.history[0].result, "Adopted");
+        assert_eq!(adopted.status.revision_graph.unwrap().revisions.len(), 3);
+    }
+
+    #[test]
+    fn a_failed_graph_job_says_what_to_do_and_the_migrator_decides() {
+        let migration = migration_from_yaml(MIGRATION);
+        let mut seen = observed(Ok(heads(&["0001"])), None);
+        seen.graph_job = GraphJob::Failed {
+            name: job::graph_job_name(&migration),
+            message: "exit code 127: python3: not found".into(),
+        };
+        let plan = plan(&migration, seen, now());
+        let graph = plan.status.revision_graph.as_ref().unwrap();
+        assert!(
+            graph
+                .error
+                .as_ref()
+                .unwrap()
+                .contains("revisionGraphCommand")
+        );
+        assert_eq!(plan.notes[0].reason, "RevisionGraphFailed");
+        assert!(plan.create_job.is_some());
+    }
+
+    #[test]
+    fn a_long_applied_set_is_kept_newest_first_and_marked() {
+        let mut migration = migration_from_yaml(MIGRATION);
+        migration.spec.database.tracking.tool = Some(schemagate_crds::TrackingTool::Rails);
+        let applied = AppliedRevisions {
+            revisions: (1..=5000).map(|v| format!("{v:014}")).collect(),
+            head_only: false,
+        };
+        migration.spec.revision = format!("{:014}", 12);
+        let plan = plan(&migration, observed(Ok(applied), None), now());
+        assert_eq!(condition(&plan, READY).status, "True");
+        assert_eq!(
+            plan.status.applied_revisions.len(),
+            revision::MAX_STATUS_REVISIONS
+        );
+        assert!(plan.status.applied_revisions_truncated);
+        assert_eq!(
+            plan.status.applied_revisions.last().map(String::as_str),
+            Some("00000000005000")
         );
     }
 }

@@ -5,8 +5,8 @@
 //! - [`probe_revisions`] connects once (no pool is kept), in a read-only transaction with
 //!   a statement timeout, and returns [`AppliedRevisions`]. A missing version table means
 //!   nothing is applied yet, not an error.
-//! - [`is_satisfied`] is DESIGN.md's rule; [`current_revision`] is what
-//!   `status.appliedRevision` shows.
+//! - Whether a revision is applied is decided from what it returns by
+//!   [`crate::revision`], which needs no database.
 //! - [`scrub_secret`] removes a database URL and its password from any text, for messages
 //!   that leave the operator (Job messages, events, logs). No [`ProbeError`] message ever
 //!   contains the URL or its password.
@@ -18,7 +18,6 @@ mod postgres;
 mod tools;
 mod url;
 
-use std::cmp::Ordering;
 use std::time::Duration;
 
 use schemagate_crds::{Engine, Tracking, TrackingTool};
@@ -329,64 +328,6 @@ fn scrub_error(error: ProbeError, url: &str) -> ProbeError {
             remedy,
         },
     }
-}
-
-/// Whether the database satisfies a Deployment that needs `required` (DESIGN.md):
-///
-/// - any tool: `required` is among the applied revisions (for head-only tools, a head);
-/// - head-only tools (Alembic, golang-migrate) also, for any head:
-///   - the head was first seen applied after `required` in `seen_order` — the revisions
-///     this DatabaseMigration saw applied, oldest first — so old code rolled back onto a
-///     newer schema is released even with Alembic's unordered hex ids. First sightings
-///     count, so a later downgrade back to an old head does not pass for newer;
-///   - or head and `required` are both ordered versions (all digits: integers, or
-///     timestamps such as `20251228120000`) and the head is not older.
-///
-/// History tools count membership only: their table lists every applied revision, and
-/// a missing one (a skipped out-of-order migration) is really missing.
-pub fn is_satisfied(applied: &AppliedRevisions, required: &str, seen_order: &[String]) -> bool {
-    if applied.revisions.iter().any(|r| r == required) {
-        return true;
-    }
-    if !applied.head_only {
-        return false;
-    }
-    let first_seen = |revision: &str| seen_order.iter().position(|r| r == revision);
-    applied.revisions.iter().any(|head| {
-        let seen_after = matches!(
-            (first_seen(head), first_seen(required)),
-            (Some(head_at), Some(required_at)) if head_at > required_at
-        );
-        seen_after
-            || matches!(
-                compare_ordered_versions(head, required),
-                Some(Ordering::Greater | Ordering::Equal)
-            )
-    })
-}
-
-/// Compares two all-digit versions by numeric value, of any length (timestamps overflow
-/// nothing); `None` when either is not all digits.
-fn compare_ordered_versions(a: &str, b: &str) -> Option<Ordering> {
-    let digits = |v: &str| !v.is_empty() && v.bytes().all(|c| c.is_ascii_digit());
-    if !digits(a) || !digits(b) {
-        return None;
-    }
-    let (a, b) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
-    Some(a.len().cmp(&b.len()).then_with(|| a.cmp(b)))
-}
-
-/// What `status.appliedRevision` shows: `required` when it is among the applied
-/// revisions, else the head (several Alembic heads joined by `,`) or the newest applied
-/// revision; `None` when nothing is applied.
-pub fn current_revision(applied: &AppliedRevisions, required: &str) -> Option<String> {
-    if applied.revisions.iter().any(|r| r == required) {
-        return Some(required.to_string());
-    }
-    if applied.head_only {
-        return (!applied.revisions.is_empty()).then(|| applied.revisions.join(","));
-    }
-    applied.revisions.last().cloned()
 }
 
 #[cfg(test)]

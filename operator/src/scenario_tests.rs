@@ -71,10 +71,13 @@ async fn expect(
     body
 }
 
-/// After the Secret: the attempt's Job (none yet), other Jobs on the database, and the
-/// opted-in Deployments.
+/// After the Secret: the attempt's Job (none yet), other Jobs on the database, the
+/// opted-in Deployments, and the image's revision-graph Job (none yet: it is created, as
+/// it needs no database).
 async fn expect_job_and_deployment_reads(handle: &mut ApiHandle) {
-    let job = crate::job::job_name(&crate::testing::migration_from_yaml(MIGRATION));
+    let fixture = crate::testing::migration_from_yaml(MIGRATION);
+    let job = crate::job::job_name(&fixture);
+    let graph_job = crate::job::graph_job_name(&fixture);
     expect(
         handle,
         "GET",
@@ -90,6 +93,26 @@ async fn expect_job_and_deployment_reads(handle: &mut ApiHandle) {
         json(200, serde_json::json!({"kind": "DeploymentList", "apiVersion": "apps/v1", "metadata": {}, "items": []}))
     })
     .await;
+    expect(
+        handle,
+        "GET",
+        &format!("/apis/batch/v1/namespaces/prod/jobs/{graph_job}"),
+        |_| not_found("job"),
+    )
+    .await;
+    let created = expect(
+        handle,
+        "POST",
+        "/apis/batch/v1/namespaces/prod/jobs",
+        |body| json(201, body),
+    )
+    .await;
+    assert_eq!(created["metadata"]["name"], graph_job.as_str());
+    let env = &created["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        !env.to_string().contains("DATABASE_URL"),
+        "the graph Job never sees the database URL: {env}"
+    );
 }
 
 fn migration() -> Arc<DeserializeGuard<DatabaseMigration>> {

@@ -43,7 +43,16 @@ async fn with_database_and_operator(
     (ns, url, operator)
 }
 
+/// The migration Jobs (not the revision-graph Jobs, which only read the image).
 async fn jobs(api: &Api<Job>) -> Vec<Job> {
+    api.list(&ListParams::default().labels("schemagate.dev/purpose=migration"))
+        .await
+        .expect("listing jobs")
+        .items
+}
+
+/// Every Job schemagate made: migrations and revision graphs.
+async fn all_jobs(api: &Api<Job>) -> Vec<Job> {
     api.list(&ListParams::default())
         .await
         .expect("listing jobs")
@@ -96,6 +105,39 @@ async fn alembic_migration_ends_ready_with_the_revision_from_the_database() {
     );
     await_event(&ns, "app-db", "Normal", "JobCreated").await;
     await_event(&ns, "app-db", "Normal", "MigrationSucceeded").await;
+
+    // The image's revision graph, read by a Job of its own without the database URL.
+    let with_graph = wait_for(
+        &migrations,
+        "app-db",
+        MIGRATION_TIMEOUT,
+        "revision graph",
+        |m| {
+            m.status
+                .as_ref()
+                .and_then(|s| s.revision_graph.as_ref())
+                .is_some_and(|g| !g.revisions.is_empty())
+        },
+    )
+    .await;
+    let graph = with_graph.status.unwrap().revision_graph.unwrap();
+    assert_eq!(graph.error, None);
+    assert_eq!(graph.image, APP_V2);
+    let nodes: Vec<(String, Vec<String>)> = graph
+        .revisions
+        .iter()
+        .map(|n| (n.revision.clone(), n.parents.clone()))
+        .collect();
+    assert_eq!(
+        nodes,
+        vec![
+            ("0002".to_string(), vec!["0001".to_string()]),
+            ("0001".to_string(), vec![])
+        ]
+    );
+    let graph_job: Job = ns.api().get(&graph.job).await.unwrap();
+    let spec = serde_json::to_string(&graph_job.spec).unwrap();
+    assert!(!spec.contains("secretKeyRef"), "no database URL: {spec}");
 }
 
 #[tokio::test]
@@ -439,7 +481,7 @@ async fn password_never_reaches_the_job_spec() {
     )
     .await;
     let ready = await_ready(&ns).await;
-    let job_json = serde_json::to_string(&jobs(&ns.api()).await).unwrap();
+    let job_json = serde_json::to_string(&all_jobs(&ns.api()).await).unwrap();
     assert!(!job_json.contains(password), "password in the Job");
     assert!(
         job_json.contains("secretKeyRef"),

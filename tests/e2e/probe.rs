@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use schemagate::probe::{self, AppliedRevisions, ProbeError};
+use schemagate::revision::{self, Answer, Applied, Graph, Scheme};
 use schemagate_crds::{Engine, Tracking, TrackingTool};
 use schemagate_e2e::db::DatabaseServer;
 use sqlx::{AssertSqlSafe, Connection as _};
@@ -128,6 +129,20 @@ fn assert_error_without(error: &ProbeError, password: &str, expected: &str) -> R
     Ok(())
 }
 
+/// The predicate on what a probe read, as the gate asks it.
+fn answer(
+    tracking_tool: TrackingTool,
+    applied: &AppliedRevisions,
+    graph: Option<&Graph>,
+    required: &str,
+) -> Answer {
+    let applied = Applied {
+        revisions: &applied.revisions,
+        complete: true,
+    };
+    revision::answer(Scheme::of(&tool(tracking_tool)), applied, graph, required)
+}
+
 /// Generates a `postgres` and a `mariadb` test for a scenario `async fn(Engine)`.
 macro_rules! on_both_engines {
     ($($scenario:ident),* $(,)?) => {$(
@@ -169,6 +184,8 @@ on_both_engines!(
     unreachable_server,
     missing_database,
     real_alembic,
+    alembic_graph_with_branches_and_merges,
+    alembic_graph_too_long_for_its_report,
     probe_latency,
 );
 
@@ -404,9 +421,11 @@ async fn flyway_history(engine: Engine) -> Result<()> {
             },
         "{applied:?}"
     );
-    ensure!(probe::is_satisfied(&applied, "1.1", &[]));
-    ensure!(!probe::is_satisfied(&applied, "4", &[]));
-    ensure!(probe::current_revision(&applied, "9").as_deref() == Some("2"));
+    let flyway = TrackingTool::Flyway;
+    ensure!(answer(flyway, &applied, None, "1.1") == Answer::Satisfied);
+    ensure!(answer(flyway, &applied, None, "4") == Answer::NotSatisfied);
+    // Re-applied after the undo: the newest applied, whatever the numbers say.
+    ensure!(revision::display(Scheme::History, &applied.revisions, "9").as_deref() == Some("2"));
     Ok(())
 }
 
@@ -451,8 +470,9 @@ async fn golang_migrate_head(engine: Engine) -> Result<()> {
         "{applied:?}"
     );
     // Ordered versions: an older requirement is satisfied by a newer head.
-    ensure!(probe::is_satisfied(&applied, "20251201000000", &[]));
-    ensure!(!probe::is_satisfied(&applied, "20260101000000", &[]));
+    let migrate = TrackingTool::GolangMigrate;
+    ensure!(answer(migrate, &applied, None, "20251201000000") == Answer::Satisfied);
+    ensure!(answer(migrate, &applied, None, "20260101000000") == Answer::NotSatisfied);
     Ok(())
 }
 
@@ -571,11 +591,14 @@ async fn django_history(engine: Engine) -> Result<()> {
             ]),
         "{applied:?}"
     );
-    ensure!(probe::is_satisfied(
-        &applied,
-        "billing.0002_invoice_due_date",
-        &[]
-    ));
+    ensure!(
+        answer(
+            TrackingTool::Django,
+            &applied,
+            None,
+            "billing.0002_invoice_due_date"
+        ) == Answer::Satisfied
+    );
     Ok(())
 }
 
@@ -753,10 +776,25 @@ async fn alembic_several_heads(engine: Engine) -> Result<()> {
             },
         "{applied:?}"
     );
-    let seen = strings(&["1975ea83b712", "ae1027a6acf", "e1f2a3b4c5d6"]);
-    ensure!(probe::is_satisfied(&applied, "1975ea83b712", &seen));
-    ensure!(!probe::is_satisfied(&applied, "ffffffffffff", &seen));
-    ensure!(probe::current_revision(&applied, "x").as_deref() == Some("ae1027a6acf,e1f2a3b4c5d6"));
+    // Two branches off one base: the base is an ancestor of both heads.
+    let graph = Graph::new(
+        [
+            ("e1f2a3b4c5d6".to_string(), strings(&["1975ea83b712"])),
+            ("ae1027a6acf".to_string(), strings(&["1975ea83b712"])),
+            ("1975ea83b712".to_string(), vec![]),
+        ],
+        false,
+    );
+    let alembic = TrackingTool::Alembic;
+    ensure!(answer(alembic, &applied, Some(&graph), "1975ea83b712") == Answer::Satisfied);
+    ensure!(matches!(
+        answer(alembic, &applied, Some(&graph), "ffffffffffff"),
+        Answer::CannotTell { .. }
+    ));
+    ensure!(
+        revision::display(Scheme::Graph, &applied.revisions, "x").as_deref()
+            == Some("ae1027a6acf,e1f2a3b4c5d6")
+    );
     Ok(())
 }
 
@@ -786,7 +824,7 @@ async fn missing_tables_mean_nothing_applied(engine: Engine) -> Result<()> {
             TrackingTool::Alembic | TrackingTool::GolangMigrate
         );
         ensure!(applied.head_only == head_only, "{tracking_tool:?}");
-        ensure!(!probe::is_satisfied(&applied, "1", &[]));
+        ensure!(answer(tracking_tool, &applied, None, "1") == Answer::NotSatisfied);
     }
     let custom_table = Tracking {
         table: Some("app.no_such_history".to_string()),
@@ -1048,6 +1086,152 @@ impl AlembicProject {
     }
 }
 
+impl AlembicProject {
+    /// Adds a revision script with this id and parents (random hex ids, branches, merges).
+    fn add_revision(&self, revision: &str, parents: &[&str]) -> Result<()> {
+        let down = match parents {
+            [] => "None".to_string(),
+            [one] => format!("{one:?}"),
+            many => format!(
+                "({})",
+                many.iter().map(|p| format!("{p:?},")).collect::<String>()
+            ),
+        };
+        let table = format!("t_{revision}");
+        let script = format!(
+            "from alembic import op\nimport sqlalchemy as sa\n\nrevision = {revision:?}\ndown_revision = {down}\nbranch_labels = None\ndepends_on = None\n\n\ndef upgrade():\n    op.create_table({table:?}, sa.Column(\"id\", sa.Integer, primary_key=True))\n\n\ndef downgrade():\n    op.drop_table({table:?})\n"
+        );
+        std::fs::write(
+            self.dir
+                .join("migrations/versions")
+                .join(format!("{revision}.py")),
+            script,
+        )?;
+        Ok(())
+    }
+
+    /// What the revision-graph Job reports for this project: the operator's built-in
+    /// script, run by real Python and Alembic on the project's scripts.
+    async fn revision_graph(&self) -> Result<Graph> {
+        let out = self.dir.join("termination-log");
+        let output = tokio::process::Command::new("python3")
+            .arg("-c")
+            .arg(revision::ALEMBIC_GRAPH_SCRIPT)
+            .arg(self.dir.join("alembic.ini"))
+            .arg("")
+            .env("SCHEMAGATE_GRAPH_OUT", &out)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("running the revision-graph script")?;
+        let report = std::fs::read_to_string(&out).unwrap_or_default();
+        ensure!(
+            output.status.success(),
+            "revision-graph script failed ({}): {report}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        ensure!(
+            report.len() <= revision::MAX_GRAPH_REPORT,
+            "{} bytes",
+            report.len()
+        );
+        Graph::parse_report(&report).map_err(anyhow::Error::msg)
+    }
+}
+
+/// Random 12-hex-digit revision ids, as `alembic revision` makes them.
+fn hex_ids(count: usize) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::new();
+    while ids.len() < count {
+        let id: String = (0..12)
+            .map(|_| char::from_digit(fastrand::u32(0..16), 16).unwrap_or('0'))
+            .collect();
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+/// The built-in graph script on real Alembic scripts with random hex ids, a branch point,
+/// a merge point and two heads; the gate's answers follow the database through them.
+async fn alembic_graph_with_branches_and_merges(engine: Engine) -> Result<()> {
+    let url = database(engine, "alembic_graph").await?;
+    let project = AlembicProject::create(match engine {
+        Engine::Postgres => "graph-postgres",
+        Engine::Mysql => "graph-mariadb",
+    })?;
+    let ids = hex_ids(5);
+    let [a, b, c, d, merge] = [&ids[0], &ids[1], &ids[2], &ids[3], &ids[4]].map(String::as_str);
+    // 0001 -> 0002 -> a -> (b | c), c -> d; merge joins b and d.
+    project.add_revision(a, &["0002"])?;
+    project.add_revision(b, &[a])?;
+    project.add_revision(c, &[a])?;
+    project.add_revision(d, &[c])?;
+    project.add_revision(merge, &[b, d])?;
+    let graph = project.revision_graph().await?;
+    ensure!(!graph.truncated && graph.len() == 7, "{graph:?}");
+    let alembic = TrackingTool::Alembic;
+    let tracking = tool(TrackingTool::Alembic);
+    let read = || probe::probe_revisions(engine, &url, &tracking);
+
+    project.run(&url, "upgrade", b).await?;
+    let applied = read().await?;
+    ensure!(applied.revisions == [b.to_string()], "{applied:?}");
+    for applied_one in ["0001", "0002", a, b] {
+        ensure!(answer(alembic, &applied, Some(&graph), applied_one) == Answer::Satisfied);
+    }
+    for missing in [c, d, merge] {
+        ensure!(answer(alembic, &applied, Some(&graph), missing) == Answer::NotSatisfied);
+    }
+    // The other branch too: two heads in alembic_version.
+    project.run(&url, "upgrade", d).await?;
+    let applied = read().await?;
+    ensure!(applied.revisions.len() == 2, "two heads: {applied:?}");
+    ensure!(answer(alembic, &applied, Some(&graph), c) == Answer::Satisfied);
+    ensure!(answer(alembic, &applied, Some(&graph), merge) == Answer::NotSatisfied);
+    project.run(&url, "upgrade", "heads").await?;
+    let applied = read().await?;
+    ensure!(applied.revisions == [merge.to_string()], "{applied:?}");
+    for every in ["0001", "0002", a, b, c, d, merge] {
+        ensure!(answer(alembic, &applied, Some(&graph), every) == Answer::Satisfied);
+    }
+    Ok(())
+}
+
+/// A long history: the report keeps the newest revisions within its 4096 bytes, says it
+/// was cut, and nothing below the cut is guessed.
+async fn alembic_graph_too_long_for_its_report(engine: Engine) -> Result<()> {
+    let url = database(engine, "alembic_long").await?;
+    let project = AlembicProject::create(match engine {
+        Engine::Postgres => "long-postgres",
+        Engine::Mysql => "long-mariadb",
+    })?;
+    let ids = hex_ids(400);
+    let mut parent = "0002".to_string();
+    for id in &ids {
+        project.add_revision(id, &[parent.as_str()])?;
+        parent = id.clone();
+    }
+    let graph = project.revision_graph().await?;
+    ensure!(graph.truncated, "400 revisions do not fit 4096 bytes");
+    ensure!(graph.len() > 250, "only {} revisions reported", graph.len());
+    let newest = &ids[ids.len() - 1];
+    let below_cut = &ids[10];
+    ensure!(graph.contains(newest) && !graph.contains(below_cut));
+    project.run(&url, "upgrade", "head").await?;
+    let applied = probe::probe_revisions(engine, &url, &tool(TrackingTool::Alembic)).await?;
+    let alembic = TrackingTool::Alembic;
+    ensure!(answer(alembic, &applied, Some(&graph), &ids[300]) == Answer::Satisfied);
+    ensure!(matches!(
+        answer(alembic, &applied, Some(&graph), below_cut),
+        Answer::CannotTell { .. }
+    ));
+    Ok(())
+}
+
 impl Drop for AlembicProject {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -1144,16 +1328,19 @@ async fn real_alembic(engine: Engine) -> Result<()> {
         probe::probe_revisions(engine, &sqlalchemy_url, &tool(TrackingTool::Alembic)).await?;
     ensure!(same == applied, "{same:?}");
 
-    let seen = strings(&["0001", "0002"]);
-    ensure!(probe::is_satisfied(&applied, "0002", &seen));
-    // Old code rolled back onto the new schema is released.
-    ensure!(probe::is_satisfied(&applied, "0001", &seen));
+    let graph = project.revision_graph().await?;
+    let alembic = TrackingTool::Alembic;
+    ensure!(answer(alembic, &applied, Some(&graph), "0002") == Answer::Satisfied);
+    // Old code rolled back onto the new schema is released: 0001 is an ancestor.
+    ensure!(answer(alembic, &applied, Some(&graph), "0001") == Answer::Satisfied);
 
     project.run(&url, "downgrade", "0001").await?;
     let applied = probe::probe_revisions(engine, &url, &tool(TrackingTool::Alembic)).await?;
     ensure!(heads_of(&applied) == strings(&["0001"]), "{applied:?}");
-    ensure!(!probe::is_satisfied(&applied, "0002", &seen));
-    ensure!(probe::current_revision(&applied, "0002").as_deref() == Some("0001"));
+    ensure!(answer(alembic, &applied, Some(&graph), "0002") == Answer::NotSatisfied);
+    ensure!(
+        revision::display(Scheme::Graph, &applied.revisions, "0002").as_deref() == Some("0001")
+    );
     Ok(())
 }
 
