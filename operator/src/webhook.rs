@@ -99,16 +99,15 @@ pub fn admit(ctx: &Context, request: &AdmissionRequest<Deployment>) -> Admission
     {
         return response;
     }
-    let requirement = gate::requirement(deployment);
-    let verdict = match &requirement {
-        Some(requirement) => {
-            let namespace = request.namespace.clone().unwrap_or_default();
-            let key = ObjectRef::new(&requirement.migration).within(&namespace);
-            gate::evaluate(ctx.migrations.get(&key).as_deref(), requirement)
-        }
-        None => Verdict::Satisfied,
+    // No revision to wait for: a hold made earlier is released by the controller, which
+    // says why in an Event.
+    let Some(requirement) = gate::requirement(deployment) else {
+        return response;
     };
-    let change = gate::decide(deployment, requirement.as_ref(), &verdict);
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let key = ObjectRef::new(&requirement.migration).within(&namespace);
+    let verdict = gate::evaluate(ctx.migrations.get(&key).as_deref(), &requirement);
+    let change = gate::decide(deployment, Some(&requirement), &verdict);
     let operations = gate::json_patch(deployment, &change);
     if operations.is_empty() {
         return response;

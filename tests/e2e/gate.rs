@@ -96,7 +96,7 @@ async fn deployment_first_and_migration_later_is_held_then_released() {
     let ns = namespace("deployment-first").await;
     let _operator = Operator::start(&ns, OperatorOptions { webhook: true }).await;
     let url = v1_serving(&ns).await;
-    let (stop, watch) = watch_release(&ns, url.clone(), "0001", "0002");
+    let (stop, watch) = watch_release(&ns, url.clone(), "0001", "0002").await;
 
     apply_manifest(&ns, "examples/incident/manifests/app-v2.yaml").await;
     let deployments: Api<Deployment> = ns.api();
@@ -149,7 +149,7 @@ async fn migration_first_and_deployment_later_is_never_held() {
     // The operator's cache follows the same watch a moment later: once a dry run is
     // admitted unpaused, the real apply must be too.
     await_admitted_unheld(&ns, "examples/incident/manifests/app-v2.yaml").await;
-    let (stop, watch) = watch_release(&ns, url.clone(), "0001", "0002");
+    let (stop, watch) = watch_release(&ns, url.clone(), "0001", "0002").await;
     apply_manifest(&ns, "examples/incident/manifests/app-v2.yaml").await;
     let applied: Deployment = ns.api().get(DEPLOYMENT).await.unwrap();
     assert!(
@@ -172,7 +172,7 @@ async fn failed_migration_keeps_v2_held_and_v1_serving_until_fixed() {
     let ns = namespace("gate-failure").await;
     let _operator = Operator::start(&ns, OperatorOptions { webhook: true }).await;
     let url = v1_serving(&ns).await;
-    let (stop, watch) = watch_release(&ns, url.clone(), "0001", "0002");
+    let (stop, watch) = watch_release(&ns, url.clone(), "0001", "0002").await;
 
     apply_manifest(&ns, "examples/incident/manifests/app-v2.yaml").await;
     apply_manifest(&ns, "examples/incident/manifests/migration-broken.yaml").await;

@@ -12,4 +12,5 @@ mod cluster;
 mod gate;
 mod operator;
 mod probe;
+mod revisions;
 mod support;

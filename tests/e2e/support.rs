@@ -632,8 +632,10 @@ pub struct Timeline {
 }
 
 /// Watches pods until told to stop: every pod of `new_revision` is checked against the
-/// database at the moment it is first seen.
-pub fn watch_release(
+/// database at the moment it is first seen. Returns once the watch has listed the pods
+/// that exist now, so the old version's Ready pods are counted for certain before
+/// anything of the release is applied.
+pub async fn watch_release(
     namespace: &TestNamespace,
     url: String,
     old_revision: &str,
@@ -641,6 +643,8 @@ pub fn watch_release(
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<Timeline>) {
     let pods: Api<Pod> = namespace.api();
     let (stop, mut stopped) = oneshot::channel::<()>();
+    let (listed_tx, listed_rx) = oneshot::channel::<()>();
+    let mut listed_tx = Some(listed_tx);
     let old_revision = old_revision.to_string();
     let new_revision = new_revision.to_string();
     let task = tokio::spawn(async move {
@@ -665,6 +669,9 @@ pub fn watch_release(
                     if seen_new.is_empty() {
                         timeline.min_old_ready_before_new =
                             Some(old_ready.values().filter(|r| **r).count());
+                    }
+                    if let Some(tx) = listed_tx.take() {
+                        let _ = tx.send(());
                     }
                     vec![]
                 }
@@ -714,6 +721,10 @@ pub fn watch_release(
         }
         timeline
     });
+    tokio::time::timeout(TIMEOUT, listed_rx)
+        .await
+        .expect("the pod watch listed the namespace in time")
+        .expect("the pod watch ended before listing");
     (stop, task)
 }
 
@@ -739,7 +750,7 @@ pub async fn v1_serving(ns: &TestNamespace) -> String {
 
 /// Applies v2 and its migration together, watches the release, and returns what was seen.
 pub async fn release_v2(ns: &TestNamespace, url: &str) -> Timeline {
-    let (stop, watch) = watch_release(ns, url.to_string(), "0001", "0002");
+    let (stop, watch) = watch_release(ns, url.to_string(), "0001", "0002").await;
     apply_manifest(ns, "examples/incident/manifests/release-v2.yaml").await;
     deployment_available(&ns.api(), DEPLOYMENT, TIMEOUT).await;
     let _ = stop.send(());
