@@ -79,8 +79,21 @@ async fn the_incident_replayed_v2_waits_for_its_columns() {
     assert_ne!(deployment.spec.unwrap().paused, Some(true));
     await_event(&ns, DEPLOYMENT, "Normal", "RolloutReleased").await;
 
-    // `kubectl rollout undo` to v1: 0001 was seen applied before 0002, so v1 is released at
-    // once (Alembic ids need not be ordered; the seen order decides).
+    // `kubectl rollout undo` to v1: 0001 is an ancestor of 0002 in the revision graph of
+    // the migrator image (Alembic ids need not be ordered), so v1 is released at once.
+    wait_for(
+        &ns.api::<DatabaseMigration>(),
+        "app-db",
+        TIMEOUT,
+        "the revision graph of the v2 image",
+        |m| {
+            m.status
+                .as_ref()
+                .and_then(|s| s.revision_graph.as_ref())
+                .is_some_and(|g| g.image == APP_V2 && !g.revisions.is_empty())
+        },
+    )
+    .await;
     apply_manifest(&ns, "examples/incident/manifests/app-v1.yaml").await;
     let rolled_back: Deployment = ns.api().get(DEPLOYMENT).await.unwrap();
     assert!(
