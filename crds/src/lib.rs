@@ -46,6 +46,9 @@ pub const HELD_LABEL: &str = "schemagate.dev/held";
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+// Migration Job names hash `migrator` and `database` as JSON (operator/src/migration/job.rs):
+// a new field must be optional and skipped while unset (`skip_serializing_if`), or every
+// Job is renamed on upgrade and a failed migration runs again without a retry.
 pub struct DatabaseMigrationSpec {
     /// The database to migrate and how to read its applied revision.
     pub database: DatabaseSpec,
@@ -131,6 +134,8 @@ pub struct Tracking {
 /// Migration tools whose version tables schemagate reads.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
+// To add a tool: a variant here (and in `ALL` and `name`), its table and query in
+// operator/src/probe/tools.rs, its scheme in operator/src/revision.rs.
 pub enum TrackingTool {
     /// Alembic: `alembic_version.version_num`, the current head(s).
     Alembic,
@@ -152,6 +157,57 @@ pub enum TrackingTool {
     Atlas,
     /// schemagate's own table `schemagate_revisions(revision)`, for migrators without one.
     Schemagate,
+}
+
+impl TrackingTool {
+    /// Every tool, in the order the docs list them: the one list the operator, its CLI and
+    /// its messages use.
+    pub const ALL: [TrackingTool; 10] = [
+        TrackingTool::Alembic,
+        TrackingTool::Flyway,
+        TrackingTool::GolangMigrate,
+        TrackingTool::Sqlx,
+        TrackingTool::Rails,
+        TrackingTool::Django,
+        TrackingTool::Liquibase,
+        TrackingTool::Prisma,
+        TrackingTool::Atlas,
+        TrackingTool::Schemagate,
+    ];
+
+    /// The name users write in `tracking.tool`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrackingTool::Alembic => "alembic",
+            TrackingTool::Flyway => "flyway",
+            TrackingTool::GolangMigrate => "golang-migrate",
+            TrackingTool::Sqlx => "sqlx",
+            TrackingTool::Rails => "rails",
+            TrackingTool::Django => "django",
+            TrackingTool::Liquibase => "liquibase",
+            TrackingTool::Prisma => "prisma",
+            TrackingTool::Atlas => "atlas",
+            TrackingTool::Schemagate => "schemagate",
+        }
+    }
+
+    /// Every tool's name, comma-separated, for messages.
+    pub fn names() -> String {
+        Self::ALL.map(Self::name).join(", ")
+    }
+}
+
+impl Engine {
+    /// Every engine.
+    pub const ALL: [Engine; 2] = [Engine::Postgres, Engine::Mysql];
+
+    /// The name users write in `database.engine`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Postgres => "postgres",
+            Engine::Mysql => "mysql",
+        }
+    }
 }
 
 /// The migrator: a container run once as a Job for each new revision or spec.
@@ -239,6 +295,11 @@ pub struct DatabaseMigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
     /// Ready, Progressing, Failed and Drifted, after the Kubernetes condition conventions.
+    /// Reasons: RevisionApplied, MigrationRunning, JobCreated, JobRunning, Complete,
+    /// Succeeded, MigrationFailed, RevisionNotApplied, Drifted, RevisionMissing, InSync,
+    /// RevisionUndetermined, ReadingRevisionGraph, Suspended, WaitingForOtherMigration,
+    /// InvalidSpec, and, while the database cannot be read, the error's reason (such as
+    /// SecretNotFound, DatabaseUnreachable, DatabaseAuthenticationFailed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The migration Job of the current attempt.
@@ -335,11 +396,22 @@ pub struct HistoryEntry {
     /// When the attempt ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
-    /// `Succeeded`, `Adopted` (already in the database) or `Failed`.
-    pub result: String,
+    /// How the attempt ended.
+    pub result: AttemptResult,
     /// What asked for the attempt: `spec` (generation N) or `retry` (the annotation's value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by: Option<String>,
+}
+
+/// How an attempt ended.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum AttemptResult {
+    /// The migration Job ran and the database reports the revision.
+    Succeeded,
+    /// The database already reported the revision: no Job was needed.
+    Adopted,
+    /// The Job failed, or completed without the database reporting the revision.
+    Failed,
 }
 
 /// The standard condition types of a DatabaseMigration.
@@ -352,4 +424,48 @@ pub mod condition {
     pub const FAILED: &str = "Failed";
     /// The database no longer reports a revision it reported before.
     pub const DRIFTED: &str = "Drifted";
+}
+
+/// Condition and Event reasons of a DatabaseMigration, in one place. Errors that stop a
+/// reconcile carry their own reasons (`Error::reason` in the operator).
+pub mod reason {
+    /// Ready: the database reports the revision.
+    pub const REVISION_APPLIED: &str = "RevisionApplied";
+    /// Ready: the database already reported it; no Job was needed (Event).
+    pub const REVISION_ADOPTED: &str = "RevisionAdopted";
+    /// A migration Job was created.
+    pub const JOB_CREATED: &str = "JobCreated";
+    /// Progressing: the migration Job runs.
+    pub const JOB_RUNNING: &str = "JobRunning";
+    /// Ready and Failed while the migration Job runs.
+    pub const MIGRATION_RUNNING: &str = "MigrationRunning";
+    /// The migration Job succeeded and the database reports the revision (Event).
+    pub const MIGRATION_SUCCEEDED: &str = "MigrationSucceeded";
+    /// Progressing: done.
+    pub const COMPLETE: &str = "Complete";
+    /// Failed is False: the last attempt succeeded.
+    pub const SUCCEEDED: &str = "Succeeded";
+    /// The migration Job failed.
+    pub const MIGRATION_FAILED: &str = "MigrationFailed";
+    /// The migration Job completed, but the database does not report the revision.
+    pub const REVISION_NOT_APPLIED: &str = "RevisionNotApplied";
+    /// Ready: the database moved below a revision it reported before.
+    pub const DRIFTED: &str = "Drifted";
+    /// Drifted: the revision is missing.
+    pub const REVISION_MISSING: &str = "RevisionMissing";
+    /// Drifted is False.
+    pub const IN_SYNC: &str = "InSync";
+    /// What the database reports cannot be placed against the revision (an Alembic head
+    /// the image's revision graph does not contain).
+    pub const REVISION_UNDETERMINED: &str = "RevisionUndetermined";
+    /// Waiting for the revision graph of the migrator image.
+    pub const READING_REVISION_GRAPH: &str = "ReadingRevisionGraph";
+    /// The revision-graph Job failed (Event).
+    pub const REVISION_GRAPH_FAILED: &str = "RevisionGraphFailed";
+    /// `spec.suspend` is true.
+    pub const SUSPENDED: &str = "Suspended";
+    /// Another migration Job runs against the same database.
+    pub const WAITING_FOR_OTHER_MIGRATION: &str = "WaitingForOtherMigration";
+    /// The spec cannot be used as it is.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
 }

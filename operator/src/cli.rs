@@ -1,8 +1,8 @@
 //! The `schemagate` command line.
 
 use crate::certs::CertNames;
-use crate::check;
 use crate::controller::ControllerConfig;
+use crate::gate::check;
 use crate::probe;
 use crate::run::{CertificateSource, RunConfig, WebhookSettings};
 use crate::telemetry::{LogFormat, init_logging};
@@ -90,11 +90,11 @@ pub struct ProbeArgs {
     #[arg(short, long)]
     pub namespace: Option<String>,
     /// Database engine, when probing without a DatabaseMigration: postgres or mysql.
-    #[arg(long, required_unless_present = "migration", value_parser = crd_value::<Engine>("engine", ENGINES))]
+    #[arg(long, required_unless_present = "migration", value_parser = crd_value::<Engine>("engine", || Engine::ALL.map(Engine::name).join(", ")))]
     pub engine: Option<Engine>,
-    /// Migration tool whose version table is read (alembic, flyway, golang-migrate, sqlx,
-    /// rails, django, liquibase, prisma, atlas, schemagate).
-    #[arg(long, conflicts_with = "query", value_parser = crd_value::<TrackingTool>("tool", TOOLS))]
+    /// Migration tool whose version table is read, as `tracking.tool` names it
+    /// (alembic, flyway, golang-migrate, ...).
+    #[arg(long, conflicts_with = "query", value_parser = crd_value::<TrackingTool>("tool", TrackingTool::names))]
     pub tool: Option<TrackingTool>,
     /// SQL query returning the applied revisions in its first column.
     #[arg(long)]
@@ -114,17 +114,13 @@ pub struct ProbeArgs {
 /// command line and the resource accept the same words.
 fn crd_value<T: serde::de::DeserializeOwned>(
     what: &'static str,
-    allowed: &'static str,
+    allowed: fn() -> String,
 ) -> impl Fn(&str) -> Result<T, String> + Clone {
     move |text: &str| {
         serde_json::from_value(serde_json::Value::String(text.to_string()))
-            .map_err(|_| format!("unknown {what} {text:?}; one of {allowed}"))
+            .map_err(|_| format!("unknown {what} {text:?}; one of {}", allowed()))
     }
 }
-
-const ENGINES: &str = "postgres, mysql";
-const TOOLS: &str =
-    "alembic, flyway, golang-migrate, sqlx, rails, django, liquibase, prisma, atlas, schemagate";
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
@@ -251,7 +247,8 @@ async fn probe_command(args: ProbeArgs) -> ExitCode {
                 }
             };
             let ctx_url =
-                crate::observe::read_database_url_with(&client, &namespace, &migration).await;
+                crate::migration::observe::read_database_url_with(&client, &namespace, &migration)
+                    .await;
             let url = match ctx_url {
                 Ok(url) => url,
                 Err(error) => return fail(error.chain()),

@@ -26,7 +26,7 @@ pub struct Context {
     /// The operator's own user name, from a SelfSubjectReview at start-up.
     pub identity: std::sync::OnceLock<String>,
     /// Per-object backoff of failed reconciles.
-    pub backoff: crate::controller::Backoff,
+    pub backoff: crate::backoff::Backoff,
 }
 
 impl Context {

@@ -8,9 +8,6 @@ use crate::probe::ProbeError;
 /// Warning Event, and the object is retried with per-object backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid DatabaseMigration: {message}")]
-    InvalidSpec { message: String },
-
     #[error(
         "Secret {name:?} not found in namespace {namespace:?}: create it with the database URL under key {key:?}"
     )]
@@ -55,7 +52,6 @@ impl Error {
     /// Event reason, condition reason and metric label: bounded, PascalCase.
     pub fn reason(&self) -> &'static str {
         match self {
-            Error::InvalidSpec { .. } => "InvalidSpec",
             Error::SecretNotFound { .. } => "SecretNotFound",
             Error::SecretKeyMissing { .. } => "SecretKeyMissing",
             Error::SecretNotText { .. } => "SecretNotText",

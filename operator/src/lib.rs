@@ -4,9 +4,8 @@
 //! [`apply`] writes the Job and the status. [`gate`] decides holds and releases for the
 //! admission [`webhook`] and the backstop in [`controller`].
 
-pub mod apply;
+pub mod backoff;
 pub mod certs;
-pub mod check;
 pub mod cli;
 pub mod conditions;
 pub mod context;
@@ -14,19 +13,13 @@ pub mod controller;
 pub mod duration;
 pub mod error;
 pub mod gate;
-pub mod job;
-pub mod observe;
-pub mod plan;
+pub mod migration;
 pub mod probe;
 pub mod revision;
 pub mod run;
 pub mod telemetry;
-pub mod webhook;
 
 #[cfg(test)]
 pub(crate) mod testing;
 
 pub use context::FIELD_MANAGER;
-
-#[cfg(test)]
-mod scenario_tests;

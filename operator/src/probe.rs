@@ -153,10 +153,10 @@ impl RevisionSource {
         };
         match (&tracking.tool, &tracking.query) {
             (Some(_), Some(_)) => Err(invalid("set either tool or query, not both")),
-            (None, None) => Err(invalid(
-                "set tool (alembic, flyway, golang-migrate, sqlx, rails, django, liquibase, \
-                 prisma, atlas, schemagate) or a query",
-            )),
+            (None, None) => Err(invalid(&format!(
+                "set tool ({}) or a query",
+                TrackingTool::names()
+            ))),
             (None, Some(_)) if tracking.table.is_some() => Err(invalid(
                 "table applies to tool only; name the table in the query instead",
             )),
@@ -246,10 +246,7 @@ pub async fn probe_revisions(
 }
 
 fn engine_name(engine: Engine) -> &'static str {
-    match engine {
-        Engine::Postgres => "postgres",
-        Engine::Mysql => "mysql",
-    }
+    engine.name()
 }
 
 fn describe_source(source: &RevisionSource) -> String {

@@ -4,8 +4,8 @@
 use crate::certs::{self, CertError, CertNames};
 use crate::context::Context;
 use crate::controller::{ControllerConfig, run_controllers};
+use crate::gate::webhook;
 use crate::telemetry::Metrics;
-use crate::webhook;
 use axum::Router;
 use axum::routing::get;
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;

@@ -94,7 +94,10 @@ async fn alembic_migration_ends_ready_with_the_revision_from_the_database() {
     assert!(columns.contains(&"upload_notes".to_string()), "{columns:?}");
     let all_jobs = jobs(&ns.api()).await;
     assert_eq!(all_jobs.len(), 1, "exactly one migration Job");
-    assert_eq!(status.history[0].result, "Succeeded");
+    assert_eq!(
+        status.history[0].result,
+        schemagate_crds::AttemptResult::Succeeded
+    );
     assert_eq!(
         status.history[0].job.as_deref(),
         all_jobs[0].metadata.name.as_deref()
@@ -152,7 +155,10 @@ async fn already_migrated_database_is_ready_without_a_job() {
     )
     .await;
     let ready = await_ready(&ns).await;
-    assert_eq!(ready.status.as_ref().unwrap().history[0].result, "Adopted");
+    assert_eq!(
+        ready.status.as_ref().unwrap().history[0].result,
+        schemagate_crds::AttemptResult::Adopted
+    );
     assert!(
         jobs(&ns.api()).await.is_empty(),
         "no Job for an already migrated database"

@@ -218,7 +218,10 @@ async fn ancestors_of_an_adopted_alembic_head_are_released() {
     let spec = migration("{ tool: alembic }", &project.image, command, b, "");
     apply_migration(&ns, &spec).await;
     let ready = await_ready(&ns).await;
-    assert_eq!(ready.status.unwrap().history[0].result, "Adopted");
+    assert_eq!(
+        ready.status.unwrap().history[0].result,
+        schemagate_crds::AttemptResult::Adopted
+    );
     assert!(migration_jobs(&ns).await.is_empty(), "adopted: no Job");
     await_graph(&ns).await;
 

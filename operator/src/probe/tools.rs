@@ -95,18 +95,7 @@ impl TableName {
 
 /// The name users and tools know a tool by, as in `tracking.tool`.
 pub(crate) fn tool_name(tool: TrackingTool) -> &'static str {
-    match tool {
-        TrackingTool::Alembic => "alembic",
-        TrackingTool::Flyway => "flyway",
-        TrackingTool::GolangMigrate => "golang-migrate",
-        TrackingTool::Sqlx => "sqlx",
-        TrackingTool::Rails => "rails",
-        TrackingTool::Django => "django",
-        TrackingTool::Liquibase => "liquibase",
-        TrackingTool::Prisma => "prisma",
-        TrackingTool::Atlas => "atlas",
-        TrackingTool::Schemagate => "schemagate",
-    }
+    tool.name()
 }
 
 /// Tools that keep only the current head(s), not a history.

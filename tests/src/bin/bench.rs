@@ -146,7 +146,7 @@ spec:
     (0..count)
         .map(|_| {
             let start = Instant::now();
-            let response = schemagate::webhook::admit(&ctx, &request);
+            let response = schemagate::gate::webhook::admit(&ctx, &request);
             let elapsed = start.elapsed().as_secs_f64() * 1_000_000.0;
             assert!(response.allowed);
             elapsed

@@ -3,16 +3,74 @@
 
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::job;
-use crate::plan::{GraphJob, JobState, Observed, ObservedJob};
+use crate::migration::job;
 use crate::probe::{self, AppliedRevisions};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams};
 use kube::{Resource, ResourceExt};
 use schemagate_crds::{DatabaseMigration, HELD_FOR_ANNOTATION, MIGRATION_LABEL};
 use std::time::Duration;
+
+/// What `observe` read of the world for one DatabaseMigration.
+#[derive(Debug)]
+pub struct Observed {
+    /// The Job of the current attempt, if it exists.
+    pub job: Option<ObservedJob>,
+    /// Another migration Job still running against the same database, if any.
+    pub other_active_job: Option<String>,
+    /// The database's applied revisions, or why they could not be read.
+    pub database: Result<AppliedRevisions, Error>,
+    /// Names of this migration's Deployments currently held by schemagate.
+    pub held_deployments: Vec<String>,
+    /// The revision-graph Job of the current image (Alembic only).
+    pub graph_job: GraphJob,
+}
+
+/// Where the revision graph of the current migrator image stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GraphJob {
+    /// Not Alembic, or the status already holds this image's graph.
+    NotNeeded,
+    /// Not started yet.
+    Missing,
+    Running {
+        name: String,
+    },
+    /// Finished: its termination message.
+    Reported {
+        name: String,
+        report: String,
+    },
+    /// Failed: why, with the output tail.
+    Failed {
+        name: String,
+        message: String,
+    },
+}
+
+/// The migration Job as far as the plan cares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObservedJob {
+    pub name: String,
+    pub state: JobState,
+    pub start_time: Option<Time>,
+    pub completion_time: Option<Time>,
+    /// Tail of the migrator's termination message, secrets already removed.
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobState {
+    Active,
+    Succeeded,
+    /// The Job controller's reason, such as `BackoffLimitExceeded` or `DeadlineExceeded`.
+    Failed {
+        reason: String,
+    },
+}
 
 /// Longest a probe may take before it counts as unreachable.
 /// Above the probe's own 15 s cap, so that its more specific error wins.

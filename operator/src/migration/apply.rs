@@ -2,7 +2,7 @@
 
 use crate::context::{Context, FIELD_MANAGER};
 use crate::error::{Error, Result};
-use crate::plan::{Note, Plan};
+use crate::migration::plan::{Note, Plan};
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::Event;

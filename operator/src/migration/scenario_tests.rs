@@ -2,7 +2,7 @@
 //! in order. Each ends with a timeout so that a missing call fails instead of hanging.
 
 use crate::context::Context;
-use crate::controller::reconcile_migration;
+use crate::migration::reconcile_migration;
 use crate::telemetry::Metrics;
 use http::{Request, Response};
 use kube::Client;
@@ -76,8 +76,8 @@ async fn expect(
 /// it needs no database).
 async fn expect_job_and_deployment_reads(handle: &mut ApiHandle) {
     let fixture = crate::testing::migration_from_yaml(MIGRATION);
-    let job = crate::job::job_name(&fixture);
-    let graph_job = crate::job::graph_job_name(&fixture);
+    let job = crate::migration::job::job_name(&fixture);
+    let graph_job = crate::migration::job::graph_job_name(&fixture);
     expect(
         handle,
         "GET",

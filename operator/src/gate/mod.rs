@@ -2,6 +2,10 @@
 //! (hold or release) that follows. The same decision serves the admission webhook, the
 //! backstop controller and `schemagate check`.
 
+pub mod backstop;
+pub mod check;
+pub mod webhook;
+
 use crate::probe::AppliedRevisions;
 use crate::revision::{self, Answer, Applied, Graph, Scheme};
 use k8s_openapi::api::apps::v1::Deployment;

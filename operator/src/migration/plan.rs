@@ -4,17 +4,18 @@
 use crate::conditions::{Status, is_true, set_condition};
 use crate::duration::parse_duration;
 use crate::error::Error;
-use crate::job;
-use crate::probe::AppliedRevisions;
+use crate::migration::job;
+use crate::migration::observe::{GraphJob, JobState, Observed, ObservedJob};
 use crate::revision::{self, Answer, Applied, Graph, Scheme};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::EventType;
 use schemagate_crds::{
-    DatabaseMigration, DatabaseMigrationStatus, HistoryEntry, MigrationJobStatus, Phase,
-    RevisionGraphStatus,
+    AttemptResult, DatabaseMigration, DatabaseMigrationStatus, HistoryEntry, MigrationJobStatus,
+    Phase, RevisionGraphStatus,
     condition::{DRIFTED, FAILED, PROGRESSING, READY},
+    reason,
 };
 use std::time::Duration;
 
@@ -26,64 +27,6 @@ pub const DEFAULT_DRIFT_CHECK: Duration = Duration::from_secs(300);
 const RUNNING_RECHECK: Duration = Duration::from_secs(60);
 /// How soon a migration waiting for another one on the same database looks again.
 const WAITING_RECHECK: Duration = Duration::from_secs(10);
-
-/// What `observe` read of the world for one DatabaseMigration.
-#[derive(Debug)]
-pub struct Observed {
-    /// The Job of the current attempt, if it exists.
-    pub job: Option<ObservedJob>,
-    /// Another migration Job still running against the same database, if any.
-    pub other_active_job: Option<String>,
-    /// The database's applied revisions, or why they could not be read.
-    pub database: Result<AppliedRevisions, Error>,
-    /// Names of this migration's Deployments currently held by schemagate.
-    pub held_deployments: Vec<String>,
-    /// The revision-graph Job of the current image (Alembic only).
-    pub graph_job: GraphJob,
-}
-
-/// Where the revision graph of the current migrator image stands.
-#[derive(Debug, Clone, PartialEq)]
-pub enum GraphJob {
-    /// Not Alembic, or the status already holds this image's graph.
-    NotNeeded,
-    /// Not started yet.
-    Missing,
-    Running {
-        name: String,
-    },
-    /// Finished: its termination message.
-    Reported {
-        name: String,
-        report: String,
-    },
-    /// Failed: why, with the output tail.
-    Failed {
-        name: String,
-        message: String,
-    },
-}
-
-/// The migration Job as far as the plan cares.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ObservedJob {
-    pub name: String,
-    pub state: JobState,
-    pub start_time: Option<Time>,
-    pub completion_time: Option<Time>,
-    /// Tail of the migrator's termination message, secrets already removed.
-    pub message: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum JobState {
-    Active,
-    Succeeded,
-    /// The Job controller's reason, such as `BackoffLimitExceeded` or `DeadlineExceeded`.
-    Failed {
-        reason: String,
-    },
-}
 
 /// An Event to publish on the DatabaseMigration.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,6 +69,7 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
         now,
     };
     draft.status.observed_generation = migration.metadata.generation;
+    draft.status.observed_retry = job::retry_token(migration);
     draft.status.held_deployments = {
         let mut held = observed.held_deployments.clone();
         held.sort();
@@ -185,7 +129,7 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
         Answer::CannotTell { .. } if job_active => {}
         Answer::CannotTell { why, .. } if graph_pending => {
             return draft.pending(
-                "ReadingRevisionGraph",
+                reason::READING_REVISION_GRAPH,
                 format!(
                     "reading the revision graph of image {} before deciding whether to migrate: {why}",
                     migration.spec.migrator.image
@@ -204,7 +148,7 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
     match observed.job {
         None if draft.attempt_already_failed(&job_name) => draft.keep_failed(),
         None if migration.spec.suspend => draft.pending(
-            "Suspended",
+            reason::SUSPENDED,
             format!(
                 "spec.suspend is true: no migration Job is started; the database reports {reported}"
             ),
@@ -212,7 +156,7 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
         ),
         None => match observed.other_active_job {
             Some(other) => draft.pending(
-                "WaitingForOtherMigration",
+                reason::WAITING_FOR_OTHER_MIGRATION,
                 format!(
                     "migration Job {other} is still running against the same database; this one starts after it"
                 ),
@@ -276,7 +220,7 @@ fn applied_before(migration: &DatabaseMigration, previous: &DatabaseMigrationSta
     let token = job::retry_token(migration);
     let recorded = previous.history.iter().any(|h| {
         h.revision == migration.spec.revision
-            && h.result != "Failed"
+            && h.result != AttemptResult::Failed
             && retry_of(h) == token.as_deref()
     });
     let ready = is_true(&previous.conditions, READY)
@@ -359,7 +303,7 @@ impl Draft<'_> {
         !already
     }
 
-    fn history_entry(&self, job: Option<&ObservedJob>, result: &str) -> HistoryEntry {
+    fn history_entry(&self, job: Option<&ObservedJob>, result: AttemptResult) -> HistoryEntry {
         HistoryEntry {
             revision: self.migration.spec.revision.clone(),
             job: job.map(|j| j.name.clone()),
@@ -369,7 +313,7 @@ impl Draft<'_> {
             finished_at: job
                 .and_then(|j| j.completion_time.clone())
                 .or(Some(Time(self.now))),
-            result: result.to_string(),
+            result,
             requested_by: Some(job::requested_by(self.migration)),
         }
     }
@@ -409,7 +353,7 @@ impl Draft<'_> {
                 );
                 self.notes.push(Note {
                     type_: EventType::Warning,
-                    reason: "RevisionGraphFailed",
+                    reason: reason::REVISION_GRAPH_FAILED,
                     message: message.clone(),
                 });
                 self.status.revision_graph = Some(RevisionGraphStatus {
@@ -427,7 +371,7 @@ impl Draft<'_> {
         self.previous
             .history
             .iter()
-            .any(|h| h.job.as_deref() == Some(job_name) && h.result == "Failed")
+            .any(|h| h.job.as_deref() == Some(job_name) && h.result == AttemptResult::Failed)
     }
 
     fn finish(self, create_job: Option<Job>, next: Next) -> Plan {
@@ -442,10 +386,10 @@ impl Draft<'_> {
 
     fn invalid_spec(mut self, message: String) -> Plan {
         self.status.phase = Some(Phase::Failed);
-        self.set(READY, Status::False, "InvalidSpec", &message);
-        self.set(FAILED, Status::True, "InvalidSpec", &message);
-        self.set(PROGRESSING, Status::False, "InvalidSpec", &message);
-        self.note_on_transition(EventType::Warning, "InvalidSpec", message);
+        self.set(READY, Status::False, reason::INVALID_SPEC, &message);
+        self.set(FAILED, Status::True, reason::INVALID_SPEC, &message);
+        self.set(PROGRESSING, Status::False, reason::INVALID_SPEC, &message);
+        self.note_on_transition(EventType::Warning, reason::INVALID_SPEC, message);
         self.finish(None, Next::AwaitChange)
     }
 
@@ -467,19 +411,19 @@ impl Draft<'_> {
         let revision = self.migration.spec.revision.clone();
         let message = format!("the database reports revision {revision}");
         self.status.phase = Some(Phase::Succeeded);
-        self.set(READY, Status::True, "RevisionApplied", &message);
-        self.set(PROGRESSING, Status::False, "Complete", &message);
-        self.set(FAILED, Status::False, "Succeeded", &message);
-        self.set(DRIFTED, Status::False, "InSync", &message);
+        self.set(READY, Status::True, reason::REVISION_APPLIED, &message);
+        self.set(PROGRESSING, Status::False, reason::COMPLETE, &message);
+        self.set(FAILED, Status::False, reason::SUCCEEDED, &message);
+        self.set(DRIFTED, Status::False, reason::IN_SYNC, &message);
         match job {
             Some(job) if job.state == JobState::Succeeded => {
                 // The database may show the revision before the Job is marked complete:
                 // the attempt is recorded, and told, once the Job is.
-                let entry = self.history_entry(Some(job), "Succeeded");
+                let entry = self.history_entry(Some(job), AttemptResult::Succeeded);
                 if self.push_history(entry) {
                     self.notes.push(Note {
                         type_: EventType::Normal,
-                        reason: "MigrationSucceeded",
+                        reason: reason::MIGRATION_SUCCEEDED,
                         message: format!("migration Job {} applied revision {revision}; Deployments needing it are released", job.name),
                     });
                 }
@@ -487,7 +431,7 @@ impl Draft<'_> {
             Some(_) => {
                 self.note_on_transition(
                     EventType::Normal,
-                    "RevisionApplied",
+                    reason::REVISION_APPLIED,
                     format!("the database reports revision {revision}; Deployments needing it are released"),
                 );
             }
@@ -496,16 +440,16 @@ impl Draft<'_> {
                 let token = job::retry_token(self.migration);
                 let adopted = self.status.history.iter().any(|h| {
                     h.revision == revision
-                        && h.result != "Failed"
+                        && h.result != AttemptResult::Failed
                         && retry_of(h) == token.as_deref()
                 });
                 if !adopted {
-                    let entry = self.history_entry(None, "Adopted");
+                    let entry = self.history_entry(None, AttemptResult::Adopted);
                     let _ = self.push_history(entry);
                 }
                 self.note_on_transition(
                     EventType::Normal,
-                    "RevisionAdopted",
+                    reason::REVISION_ADOPTED,
                     format!(
                         "the database already reports revision {revision}: no migration Job needed"
                     ),
@@ -521,9 +465,9 @@ impl Draft<'_> {
             "the database now reports {reported}, below revision {revision} it reported before (a restore or a manual downgrade?); Deployments needing {revision} are held again, and no migration runs until a person asks: set annotation schemagate.dev/retry to a new value to run the migration again"
         );
         self.status.phase = Some(Phase::Failed);
-        self.set(READY, Status::False, "Drifted", &message);
-        self.set(DRIFTED, Status::True, "RevisionMissing", &message);
-        self.note_on_transition(EventType::Warning, "Drifted", message);
+        self.set(READY, Status::False, reason::DRIFTED, &message);
+        self.set(DRIFTED, Status::True, reason::REVISION_MISSING, &message);
+        self.note_on_transition(EventType::Warning, reason::DRIFTED, message);
         self.finish(None, Next::Requeue(drift_interval))
     }
 
@@ -535,9 +479,19 @@ impl Draft<'_> {
             "cannot tell whether revision {revision} is still applied: {why}; Deployments needing it are held"
         );
         self.status.phase = Some(Phase::Pending);
-        self.set(READY, Status::False, "RevisionUndetermined", &message);
-        self.set(PROGRESSING, Status::False, "RevisionUndetermined", &message);
-        self.note_on_transition(EventType::Warning, "RevisionUndetermined", message);
+        self.set(
+            READY,
+            Status::False,
+            reason::REVISION_UNDETERMINED,
+            &message,
+        );
+        self.set(
+            PROGRESSING,
+            Status::False,
+            reason::REVISION_UNDETERMINED,
+            &message,
+        );
+        self.note_on_transition(EventType::Warning, reason::REVISION_UNDETERMINED, message);
         self.finish(None, Next::Requeue(drift_interval))
     }
 
@@ -566,10 +520,10 @@ impl Draft<'_> {
             name,
             ..Default::default()
         });
-        self.set(READY, Status::False, "MigrationRunning", &message);
-        self.set(PROGRESSING, Status::True, "JobCreated", &message);
-        self.set(FAILED, Status::False, "MigrationRunning", &message);
-        self.note_on_transition(EventType::Normal, "JobCreated", message);
+        self.set(READY, Status::False, reason::MIGRATION_RUNNING, &message);
+        self.set(PROGRESSING, Status::True, reason::JOB_CREATED, &message);
+        self.set(FAILED, Status::False, reason::MIGRATION_RUNNING, &message);
+        self.note_on_transition(EventType::Normal, reason::JOB_CREATED, message);
         self.finish(Some(job), Next::Requeue(RUNNING_RECHECK))
     }
 
@@ -579,9 +533,9 @@ impl Draft<'_> {
             job.name
         );
         self.status.phase = Some(Phase::Running);
-        self.set(READY, Status::False, "MigrationRunning", &message);
-        self.set(PROGRESSING, Status::True, "JobRunning", &message);
-        self.set(FAILED, Status::False, "MigrationRunning", &message);
+        self.set(READY, Status::False, reason::MIGRATION_RUNNING, &message);
+        self.set(PROGRESSING, Status::True, reason::JOB_RUNNING, &message);
+        self.set(FAILED, Status::False, reason::MIGRATION_RUNNING, &message);
         self.finish(None, Next::Requeue(RUNNING_RECHECK))
     }
 
@@ -591,10 +545,12 @@ impl Draft<'_> {
             "migration Job {} completed, but the database reports {reported}, not revision {revision}: check that the migrator's command migrates to {revision} and that spec.revision names it as the migration tool records it",
             job.name
         );
-        self.failed(job, "RevisionNotApplied", message)
+        // A lagging read replica may catch up: look again.
+        let next = Next::Requeue(RUNNING_RECHECK);
+        self.failed(job, reason::REVISION_NOT_APPLIED, message, next)
     }
 
-    fn job_failed(self, job: &ObservedJob, reason: &str) -> Plan {
+    fn job_failed(self, job: &ObservedJob, job_reason: &str) -> Plan {
         let revision = &self.migration.spec.revision;
         let output = job
             .message
@@ -602,26 +558,21 @@ impl Draft<'_> {
             .map(|m| format!(": {m}"))
             .unwrap_or_default();
         let message = format!(
-            "migration Job {} failed ({reason}){output} — Deployments needing revision {revision} stay held; fix the migration and update the spec, or set annotation schemagate.dev/retry to a new value to try again",
+            "migration Job {} failed ({job_reason}){output} — Deployments needing revision {revision} stay held; fix the migration and update the spec, or set annotation schemagate.dev/retry to a new value to try again",
             job.name
         );
-        self.failed(job, "MigrationFailed", message)
+        // A failed Job will not recover by itself: a person fixes it and asks again.
+        self.failed(job, reason::MIGRATION_FAILED, message, Next::AwaitChange)
     }
 
-    fn failed(mut self, job: &ObservedJob, reason: &'static str, message: String) -> Plan {
+    fn failed(mut self, job: &ObservedJob, why: &'static str, message: String, next: Next) -> Plan {
         self.status.phase = Some(Phase::Failed);
-        self.set(READY, Status::False, reason, &message);
-        self.set(PROGRESSING, Status::False, reason, &message);
-        self.set(FAILED, Status::True, reason, &message);
-        let entry = self.history_entry(Some(job), "Failed");
+        self.set(READY, Status::False, why, &message);
+        self.set(PROGRESSING, Status::False, why, &message);
+        self.set(FAILED, Status::True, why, &message);
+        let entry = self.history_entry(Some(job), AttemptResult::Failed);
         let _ = self.push_history(entry);
-        self.note_on_transition(EventType::Warning, reason, message);
-        let next = if reason == "RevisionNotApplied" {
-            // A lagging read replica may catch up; a failed Job will not.
-            Next::Requeue(RUNNING_RECHECK)
-        } else {
-            Next::AwaitChange
-        };
+        self.note_on_transition(EventType::Warning, why, message);
         self.finish(None, next)
     }
 }
@@ -629,6 +580,7 @@ impl Draft<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::AppliedRevisions;
     use crate::testing::{MIGRATION, migration_from_yaml};
 
     fn now() -> Timestamp {
@@ -678,7 +630,7 @@ mod tests {
         assert_eq!(plan.status.applied_revision.as_deref(), Some("0002"));
         assert_eq!(condition(&plan, READY).status, "True");
         assert_eq!(condition(&plan, READY).observed_generation, Some(3));
-        assert_eq!(plan.status.history[0].result, "Adopted");
+        assert_eq!(plan.status.history[0].result, AttemptResult::Adopted);
         assert_eq!(plan.notes[0].reason, "RevisionAdopted");
         assert!(matches!(plan.next, Next::Requeue(d) if d == DEFAULT_DRIFT_CHECK));
     }
@@ -727,7 +679,7 @@ mod tests {
             plan.status.history[0].job.as_deref(),
             Some(done.name.as_str())
         );
-        assert_eq!(plan.status.history[0].result, "Succeeded");
+        assert_eq!(plan.status.history[0].result, AttemptResult::Succeeded);
         assert_eq!(plan.notes[0].reason, "MigrationSucceeded");
     }
 
@@ -977,7 +929,7 @@ mod tests {
         let adopted = plan(&migration, reported, now());
         assert!(adopted.create_job.is_none());
         assert_eq!(condition(&adopted, READY).reason, "RevisionApplied");
-        assert_eq!(adopted.status.history[0].result, "Adopted");
+        assert_eq!(adopted.status.history[0].result, AttemptResult::Adopted);
         assert_eq!(adopted.status.revision_graph.unwrap().revisions.len(), 3);
     }
 

@@ -1,0 +1,191 @@
+//! The gate backstop: the controller that holds an opted-in Deployment whose revision is
+//! not applied (when the webhook did not) and releases the holds schemagate made.
+//!
+//! Same shape as the migration controller: observe (the requirement, a fresh
+//! DatabaseMigration and, when its status cannot decide, the database itself) → decide
+//! (pure: [`crate::gate::decide`] and [`crate::gate::notes`]) → apply (a
+//! resourceVersion-guarded patch, then the Events).
+
+use crate::backoff::key_of;
+use crate::context::{Context, FIELD_MANAGER};
+use crate::controller::{GuardedMigration, report};
+use crate::error::{Error, Result};
+use crate::gate::{self, GateChange, Verdict};
+use crate::telemetry::GateLabels;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use schemagate_crds::MIGRATION_LABEL;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, instrument, warn};
+
+#[instrument(skip_all, fields(namespace = deployment.namespace(), name = deployment.name_any()))]
+pub async fn reconcile_gate(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started("gate");
+    let result = gate_deployment(&deployment, &ctx).await;
+    match &result {
+        Ok(_) => ctx.backoff.reset(&key_of(deployment.as_ref())),
+        Err(error) => report(&ctx, "gate", &deployment.object_ref(&()), error).await,
+    }
+    result
+}
+
+/// The backstop for one Deployment: observe (requirement, a fresh DatabaseMigration and,
+/// when the status cannot decide, the database itself) → decide (pure, with its Events) →
+/// apply (a resourceVersion-guarded patch, then the Events).
+async fn gate_deployment(deployment: &Deployment, ctx: &Context) -> Result<Action> {
+    let observed = observe_gate(ctx, deployment).await?;
+    let change = gate::decide(deployment, observed.requirement.as_ref(), &observed.verdict);
+    let notes = gate::notes(
+        deployment,
+        observed.requirement.as_ref(),
+        &observed.verdict,
+        &change,
+    );
+    apply_gate(
+        ctx,
+        deployment,
+        &change,
+        &notes,
+        observed.migration.as_ref(),
+    )
+    .await
+}
+
+/// What the backstop read about one Deployment.
+struct GateObserved {
+    requirement: Option<gate::Requirement>,
+    migration: Option<GuardedMigration>,
+    verdict: Verdict,
+}
+
+async fn observe_gate(ctx: &Context, deployment: &Deployment) -> Result<GateObserved> {
+    let namespace = deployment.namespace().unwrap_or_default();
+    let Some(requirement) = gate::requirement(deployment) else {
+        return Ok(GateObserved {
+            requirement: None,
+            migration: None,
+            verdict: Verdict::Satisfied,
+        });
+    };
+    // Read fresh, not from a cache: a release must follow the status that caused it.
+    let api: Api<GuardedMigration> = Api::namespaced(ctx.client.clone(), &namespace);
+    let migration = api
+        .get_opt(&requirement.migration)
+        .await
+        .map_err(Error::kube(format!(
+            "get DatabaseMigration {}",
+            requirement.migration
+        )))?;
+    let mut verdict = gate::evaluate(migration.as_ref(), &requirement);
+    if let (
+        Verdict::Held {
+            fresh_read_helps: true,
+            ..
+        },
+        Some(Ok(found)),
+    ) = (&verdict, migration.as_ref().map(|g| &g.0))
+    {
+        // The status keeps only part of what the database reports: read the database.
+        match crate::migration::observe::probe_database(&ctx.client, &namespace, found).await {
+            Ok(applied) => {
+                verdict = gate::evaluate_with(migration.as_ref(), &requirement, Some(&applied));
+            }
+            Err(error) => {
+                warn!(error = %error.chain(), "cannot read the database to decide a hold");
+            }
+        }
+    }
+    Ok(GateObserved {
+        requirement: Some(requirement),
+        migration,
+        verdict,
+    })
+}
+
+async fn apply_gate(
+    ctx: &Context,
+    deployment: &Deployment,
+    change: &GateChange,
+    notes: &[gate::GateNote],
+    migration: Option<&GuardedMigration>,
+) -> Result<Action> {
+    let name = deployment.name_any();
+    if let Some(patch) = gate::merge_patch(deployment, change) {
+        let deployments: Api<Deployment> = Api::namespaced(
+            ctx.client.clone(),
+            &deployment.namespace().unwrap_or_default(),
+        );
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..Default::default()
+        };
+        match deployments
+            .patch(&name, &params, &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            // Changed since it was read (a person, the webhook): decide again on the new version.
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                return Ok(Action::requeue(Duration::from_millis(50)));
+            }
+            Err(source) => {
+                return Err(Error::Kube {
+                    action: format!("update Deployment {name}"),
+                    source,
+                });
+            }
+        }
+        let action = match change {
+            GateChange::Hold { .. } => "hold",
+            _ => "release",
+        };
+        ctx.metrics
+            .gate_changes
+            .get_or_create(&GateLabels {
+                action,
+                by: "controller",
+            })
+            .inc();
+        info!(action, "gate changed Deployment");
+    }
+    let migration_ref = migration
+        .and_then(|guard| guard.0.as_ref().ok())
+        .map(|m| m.object_ref(&()));
+    for note in notes {
+        let reference = match note.on {
+            gate::NoteOn::Deployment => deployment.object_ref(&()),
+            gate::NoteOn::Migration => match &migration_ref {
+                Some(reference) => reference.clone(),
+                None => continue,
+            },
+        };
+        let event = Event {
+            type_: EventType::Normal,
+            reason: note.reason.to_string(),
+            note: Some(note.message.clone()),
+            action: note.action.to_string(),
+            secondary: None,
+        };
+        if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+            warn!(%error, "cannot publish Event");
+        }
+    }
+    Ok(Action::await_change())
+}
+
+/// A Deployment schemagate holds (label `schemagate.dev/held`) that no longer opted in: its
+/// hold is released here, since the opted-in watch no longer sees it.
+pub async fn reconcile_left_gate(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action> {
+    if deployment.labels().contains_key(MIGRATION_LABEL) {
+        return Ok(Action::await_change());
+    }
+    reconcile_gate(deployment, ctx).await
+}
+
+pub fn error_policy(deployment: Arc<Deployment>, _error: &Error, ctx: Arc<Context>) -> Action {
+    Action::requeue(ctx.backoff.next(&key_of(deployment.as_ref())))
+}
