@@ -139,7 +139,11 @@ pub async fn run_controllers(
         )
         .with_config(Config::default().concurrency(config.concurrency))
         .graceful_shutdown_on(shutdown())
-        .run(backstop::reconcile_gate, backstop::error_policy, ctx)
+        .run(
+            backstop::reconcile_gate::<Deployment>,
+            backstop::error_policy,
+            ctx,
+        )
         .for_each(|result| async move {
             if let Err(error) = result {
                 warn!(%error, "gate controller");
@@ -152,7 +156,7 @@ pub async fn run_controllers(
         .with_config(Config::default().concurrency(config.concurrency))
         .graceful_shutdown_on(shutdown())
         .run(
-            backstop::reconcile_left_gate,
+            backstop::reconcile_left_gate::<Deployment>,
             backstop::error_policy,
             ctx_for_holds,
         )

@@ -1,4 +1,4 @@
-//! The gate backstop: the controller that holds an opted-in Deployment whose revision is
+//! The gate backstop: the controller that holds an opted-in workload whose revision is
 //! not applied (when the webhook did not) and releases the holds schemagate made.
 //!
 //! Same shape as the migration controller: observe (the requirement, a fresh
@@ -10,9 +10,8 @@ use crate::backoff::key_of;
 use crate::context::{Context, FIELD_MANAGER};
 use crate::controller::{GuardedMigration, report};
 use crate::error::{Error, Result};
-use crate::gate::{self, GateChange, Verdict};
+use crate::gate::{self, GateChange, Verdict, Workload};
 use crate::telemetry::GateLabels;
-use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -23,9 +22,9 @@ use std::time::Duration;
 use tracing::{info, instrument, warn};
 
 #[instrument(skip_all, fields(namespace = deployment.namespace(), name = deployment.name_any()))]
-pub async fn reconcile_gate(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action> {
+pub async fn reconcile_gate<W: Workload>(deployment: Arc<W>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started("gate");
-    let result = gate_deployment(&deployment, &ctx).await;
+    let result = gate_deployment(deployment.as_ref(), &ctx).await;
     match &result {
         Ok(_) => ctx.backoff.reset(&key_of(deployment.as_ref())),
         Err(error) => report(&ctx, "gate", &deployment.object_ref(&()), error).await,
@@ -36,7 +35,7 @@ pub async fn reconcile_gate(deployment: Arc<Deployment>, ctx: Arc<Context>) -> R
 /// The backstop for one Deployment: observe (requirement, a fresh DatabaseMigration and,
 /// when the status cannot decide, the database itself) → decide (pure, with its Events) →
 /// apply (a resourceVersion-guarded patch, then the Events).
-async fn gate_deployment(deployment: &Deployment, ctx: &Context) -> Result<Action> {
+async fn gate_deployment<W: Workload>(deployment: &W, ctx: &Context) -> Result<Action> {
     let observed = observe_gate(ctx, deployment).await?;
     let change = gate::decide(deployment, observed.requirement.as_ref(), &observed.verdict);
     let notes = gate::notes(
@@ -62,7 +61,7 @@ struct GateObserved {
     verdict: Verdict,
 }
 
-async fn observe_gate(ctx: &Context, deployment: &Deployment) -> Result<GateObserved> {
+async fn observe_gate<W: Workload>(ctx: &Context, deployment: &W) -> Result<GateObserved> {
     let namespace = deployment.namespace().unwrap_or_default();
     let Some(requirement) = gate::requirement(deployment) else {
         return Ok(GateObserved {
@@ -106,16 +105,16 @@ async fn observe_gate(ctx: &Context, deployment: &Deployment) -> Result<GateObse
     })
 }
 
-async fn apply_gate(
+async fn apply_gate<W: Workload>(
     ctx: &Context,
-    deployment: &Deployment,
+    deployment: &W,
     change: &GateChange,
     notes: &[gate::GateNote],
     migration: Option<&GuardedMigration>,
 ) -> Result<Action> {
     let name = deployment.name_any();
     if let Some(patch) = gate::merge_patch(deployment, change) {
-        let deployments: Api<Deployment> = Api::namespaced(
+        let deployments: Api<W> = Api::namespaced(
             ctx.client.clone(),
             &deployment.namespace().unwrap_or_default(),
         );
@@ -134,7 +133,7 @@ async fn apply_gate(
             }
             Err(source) => {
                 return Err(Error::Kube {
-                    action: format!("update Deployment {name}"),
+                    action: format!("update {} {name}", W::kind(&())),
                     source,
                 });
             }
@@ -150,14 +149,14 @@ async fn apply_gate(
                 by: "controller",
             })
             .inc();
-        info!(action, "gate changed Deployment");
+        info!(action, kind = %W::kind(&()), "gate changed a workload");
     }
     let migration_ref = migration
         .and_then(|guard| guard.0.as_ref().ok())
         .map(|m| m.object_ref(&()));
     for note in notes {
         let reference = match note.on {
-            gate::NoteOn::Deployment => deployment.object_ref(&()),
+            gate::NoteOn::Workload => deployment.object_ref(&()),
             gate::NoteOn::Migration => match &migration_ref {
                 Some(reference) => reference.clone(),
                 None => continue,
@@ -179,13 +178,16 @@ async fn apply_gate(
 
 /// A Deployment schemagate holds (label `schemagate.dev/held`) that no longer opted in: its
 /// hold is released here, since the opted-in watch no longer sees it.
-pub async fn reconcile_left_gate(deployment: Arc<Deployment>, ctx: Arc<Context>) -> Result<Action> {
+pub async fn reconcile_left_gate<W: Workload>(
+    deployment: Arc<W>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
     if deployment.labels().contains_key(MIGRATION_LABEL) {
         return Ok(Action::await_change());
     }
     reconcile_gate(deployment, ctx).await
 }
 
-pub fn error_policy(deployment: Arc<Deployment>, _error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy<W: Workload>(deployment: Arc<W>, _error: &Error, ctx: Arc<Context>) -> Action {
     Action::requeue(ctx.backoff.next(&key_of(deployment.as_ref())))
 }

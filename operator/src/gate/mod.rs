@@ -5,10 +5,12 @@
 pub mod backstop;
 pub mod check;
 pub mod webhook;
+pub mod workload;
+
+pub use workload::Workload;
 
 use crate::probe::AppliedRevisions;
 use crate::revision::{self, Answer, Applied, Graph, Scheme};
-use k8s_openapi::api::apps::v1::Deployment;
 use kube::ResourceExt;
 use kube::core::DeserializeGuard;
 use schemagate_crds::{
@@ -26,16 +28,10 @@ pub struct Requirement {
 
 /// The requirement of an opted-in Deployment; `None` when it carries no label, or no
 /// revision annotation on its pod template (nothing to wait for).
-pub fn requirement(deployment: &Deployment) -> Option<Requirement> {
-    let migration = deployment.labels().get(MIGRATION_LABEL)?.clone();
-    let revision = deployment
-        .spec
-        .as_ref()?
-        .template
-        .metadata
-        .as_ref()?
-        .annotations
-        .as_ref()?
+pub fn requirement<W: Workload>(workload: &W) -> Option<Requirement> {
+    let migration = workload.labels().get(MIGRATION_LABEL)?.clone();
+    let revision = workload
+        .template_annotations()?
         .get(REVISION_ANNOTATION)?
         .clone();
     Some(Requirement {
@@ -173,18 +169,14 @@ pub enum GateChange {
 }
 
 /// Whether schemagate holds this Deployment (it paused it and marked it).
-pub fn held_by_schemagate(deployment: &Deployment) -> bool {
-    deployment.annotations().contains_key(HELD_FOR_ANNOTATION)
-}
-
-fn paused(deployment: &Deployment) -> bool {
-    deployment.spec.as_ref().and_then(|s| s.paused) == Some(true)
+pub fn held_by_schemagate<W: Workload>(workload: &W) -> bool {
+    workload.annotations().contains_key(HELD_FOR_ANNOTATION)
 }
 
 /// The change a verdict calls for. A Deployment a person paused is left alone both ways:
 /// it is not rolling out, and it must never be unpaused by schemagate.
-pub fn decide(
-    deployment: &Deployment,
+pub fn decide<W: Workload>(
+    deployment: &W,
     requirement: Option<&Requirement>,
     verdict: &Verdict,
 ) -> GateChange {
@@ -194,7 +186,7 @@ pub fn decide(
             let marked_for = deployment.annotations().get(HELD_FOR_ANNOTATION);
             let already_held = held && marked_for == Some(&requirement.revision);
             // Paused by a person (no marker) or already held for this revision: nothing to do.
-            if paused(deployment) && (already_held || !held) {
+            if deployment.rollout_stopped() && (already_held || !held) {
                 GateChange::None
             } else {
                 GateChange::Hold {
@@ -210,7 +202,8 @@ pub fn decide(
 /// Which object an Event of the gate is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoteOn {
-    Deployment,
+    /// The held workload.
+    Workload,
     /// The DatabaseMigration the Deployment names, when it exists.
     Migration,
 }
@@ -226,17 +219,18 @@ pub struct GateNote {
 
 /// The Events that tell a person about a gate decision: a hold or a release on the
 /// Deployment and its DatabaseMigration, and, while a hold lasts, why on the Deployment.
-pub fn notes(
-    deployment: &Deployment,
+pub fn notes<W: Workload>(
+    deployment: &W,
     requirement: Option<&Requirement>,
     verdict: &Verdict,
     change: &GateChange,
 ) -> Vec<GateNote> {
     let name = deployment.name_any();
+    let kind = W::kind(&());
     let both = |reason: &'static str, action: &'static str, message: String| {
         vec![
             GateNote {
-                on: NoteOn::Deployment,
+                on: NoteOn::Workload,
                 reason,
                 action,
                 message: crate::conditions::event_note(&message),
@@ -245,7 +239,7 @@ pub fn notes(
                 on: NoteOn::Migration,
                 reason,
                 action,
-                message: crate::conditions::event_note(&format!("Deployment {name}: {message}")),
+                message: crate::conditions::event_note(&format!("{kind} {name}: {message}")),
             },
         ]
     };
@@ -269,7 +263,7 @@ pub fn notes(
             },
         ) if held_by_schemagate(deployment) => {
             vec![GateNote {
-                on: NoteOn::Deployment,
+                on: NoteOn::Workload,
                 reason: "RolloutHeld",
                 action: "Hold",
                 message: crate::conditions::event_note(&format!(
@@ -284,7 +278,7 @@ pub fn notes(
                     r.revision, r.migration
                 ),
                 None if !deployment.labels().contains_key(MIGRATION_LABEL) => format!(
-                    "the Deployment no longer carries label {MIGRATION_LABEL}, so schemagate no longer gates it"
+                    "the {kind} no longer carries label {MIGRATION_LABEL}, so schemagate no longer gates it"
                 ),
                 None => format!(
                     "its pod template no longer carries annotation {REVISION_ANNOTATION}, so there is no revision to wait for"
@@ -302,7 +296,7 @@ pub fn notes(
 
 /// The JSON merge patch of a change, guarded by the Deployment's resourceVersion so that a
 /// concurrent change (a person pausing it) is never overwritten.
-pub fn merge_patch(deployment: &Deployment, change: &GateChange) -> Option<serde_json::Value> {
+pub fn merge_patch<W: Workload>(deployment: &W, change: &GateChange) -> Option<serde_json::Value> {
     let resource_version = deployment.resource_version();
     match change {
         GateChange::Hold { revision } => Some(serde_json::json!({
@@ -311,7 +305,7 @@ pub fn merge_patch(deployment: &Deployment, change: &GateChange) -> Option<serde
                 "annotations": { HELD_FOR_ANNOTATION: revision },
                 "labels": { HELD_LABEL: "true" },
             },
-            "spec": { "paused": true },
+            "spec": W::merge_spec(true),
         })),
         GateChange::Release => Some(serde_json::json!({
             "metadata": {
@@ -319,20 +313,20 @@ pub fn merge_patch(deployment: &Deployment, change: &GateChange) -> Option<serde
                 "annotations": { HELD_FOR_ANNOTATION: null },
                 "labels": { HELD_LABEL: null },
             },
-            "spec": { "paused": false },
+            "spec": W::merge_spec(false),
         })),
         GateChange::None => None,
     }
 }
 
 /// The same change as RFC 6902 operations, for the admission webhook's response.
-pub fn json_patch(deployment: &Deployment, change: &GateChange) -> Vec<serde_json::Value> {
+pub fn json_patch<W: Workload>(deployment: &W, change: &GateChange) -> Vec<serde_json::Value> {
     // `~1` is how a JSON pointer spells `/` inside a key.
     let pointer = |key: &str| key.replace('~', "~0").replace('/', "~1");
     let held_for = format!("/metadata/annotations/{}", pointer(HELD_FOR_ANNOTATION));
     let held_label = format!("/metadata/labels/{}", pointer(HELD_LABEL));
-    let has_annotations = deployment.metadata.annotations.is_some();
-    let has_labels = deployment.metadata.labels.is_some();
+    let has_annotations = deployment.meta().annotations.is_some();
+    let has_labels = deployment.meta().labels.is_some();
     let has_held_label = deployment.labels().contains_key(HELD_LABEL);
     match change {
         GateChange::Hold { revision } => {
@@ -349,8 +343,7 @@ pub fn json_patch(deployment: &Deployment, change: &GateChange) -> Vec<serde_jso
                 );
             }
             operations.push(serde_json::json!({"op": "add", "path": held_label, "value": "true"}));
-            operations
-                .push(serde_json::json!({"op": "add", "path": "/spec/paused", "value": true}));
+            operations.push(W::json_operation(true));
             operations
         }
         GateChange::Release => {
@@ -358,8 +351,7 @@ pub fn json_patch(deployment: &Deployment, change: &GateChange) -> Vec<serde_jso
             if has_held_label {
                 operations.push(serde_json::json!({"op": "remove", "path": held_label}));
             }
-            operations
-                .push(serde_json::json!({"op": "add", "path": "/spec/paused", "value": false}));
+            operations.push(W::json_operation(false));
             operations
         }
         GateChange::None => Vec::new(),
@@ -370,6 +362,7 @@ pub fn json_patch(deployment: &Deployment, change: &GateChange) -> Vec<serde_jso
 mod tests {
     use super::*;
     use crate::testing::migration_from_yaml;
+    use k8s_openapi::api::apps::v1::Deployment;
     use schemagate_crds::{RevisionGraphStatus, RevisionNode};
 
     fn deployment(yaml: &str) -> Deployment {

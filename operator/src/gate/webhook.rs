@@ -86,8 +86,8 @@ async fn mutate(
     Json(response.into_review())
 }
 
-/// Decides on one Deployment. Always allows it: holding means pausing, never refusing.
-pub fn admit(ctx: &Context, request: &AdmissionRequest<Deployment>) -> AdmissionResponse {
+/// Decides on one workload. Always allows it: holding means pausing, never refusing.
+pub fn admit<W: gate::Workload>(ctx: &Context, request: &AdmissionRequest<W>) -> AdmissionResponse {
     let response = AdmissionResponse::from(request);
     let Some(deployment) = &request.object else {
         return response;
