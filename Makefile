@@ -13,7 +13,7 @@ build:
 ## test: formatting, clippy -D warnings, unit tests and the end-to-end suite against a real
 ## local control plane, real PostgreSQL/MariaDB and real Alembic (started by the tests).
 test: lint controlplane helm
-	$(CARGO) build -q -p schemagate --bins
+	$(CARGO) build -q -p schemagate -p schemagate-testenv --bins
 	$(CARGO) test --workspace --all-targets --no-fail-fast -- --include-ignored
 
 lint:
@@ -24,7 +24,7 @@ unit:
 	$(CARGO) test --workspace --lib --bins
 
 e2e: controlplane helm
-	$(CARGO) build -q -p schemagate --bins
+	$(CARGO) build -q -p schemagate -p schemagate-testenv --bins
 	$(CARGO) test -p schemagate-e2e --test e2e -- --include-ignored
 
 ## controlplane: build (or find in the cache) the Kubernetes control-plane binary.
@@ -42,7 +42,7 @@ crds:
 
 ## demo: the incident replayed on the local control plane (see README); demo-down stops it.
 demo: controlplane
-	$(CARGO) build -q -p schemagate -p schemagate-e2e --bins
+	$(CARGO) build -q -p schemagate -p schemagate-testenv --bins
 	examples/incident/demo.sh
 
 demo-down:
@@ -50,7 +50,7 @@ demo-down:
 
 ## bench: gate release latency, webhook admission latency and the backstop's early pods.
 bench: controlplane
-	$(CARGO) build -q -p schemagate --bins
+	$(CARGO) build -q -p schemagate -p schemagate-testenv --bins
 	$(CARGO) run -q -p schemagate-e2e --bin schemagate-bench
 
 ## prerequisites: Debian packages and Python tools the tests and the demo need.
@@ -58,7 +58,7 @@ prerequisites:
 	.ci/install-prerequisites.sh
 
 
-# ---- Local cluster (tests/src/cluster.rs; owner: control plane / test node) -------------
+# ---- Local cluster (tests/env: the test environment crate) -------------------------------
 ## cluster: start the local control plane, test node and databases in the background;
 ## prints the kubeconfig path. Environment for scripts: target/cluster/cluster.env.
 ## cluster-down: stop exactly that cluster (its supervisor stops everything it started).
@@ -68,7 +68,7 @@ CLUSTER_START_TIMEOUT ?= 2400
 
 .PHONY: cluster cluster-down
 cluster:
-	$(CARGO) build -q -p schemagate-e2e --bin schemagate-cluster
+	$(CARGO) build -q -p schemagate-testenv --bin schemagate-cluster
 	@mkdir -p $(CLUSTER_DIR)
 	@if [ -f $(CLUSTER_DIR)/pid ] && kill -0 "$$(cat $(CLUSTER_DIR)/pid)" 2>/dev/null; then \
 	  echo "cluster: already running (pid $$(cat $(CLUSTER_DIR)/pid))" >&2; \

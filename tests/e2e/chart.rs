@@ -6,7 +6,7 @@ use crate::support::*;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::api::Api;
 use kube::runtime::wait::await_condition;
-use schemagate_e2e::harness::{deployment_available, namespace};
+use schemagate_testenv::harness::{deployment_available, namespace};
 use std::time::Duration;
 
 /// `tests/helm/build.sh`: Helm from the Go module proxy, cached.
@@ -41,8 +41,8 @@ async fn helm_installed_operator_holds_the_release_through_its_service() {
 
     let helm = helm_bin().await;
     let release = format!("sg-{}", &system.name()[system.name().len() - 6..]);
-    let metrics_port = schemagate_e2e::cluster::free_port().unwrap().to_string();
-    let webhook_port = schemagate_e2e::cluster::free_port().unwrap().to_string();
+    let metrics_port = schemagate_testenv::cluster::free_port().unwrap().to_string();
+    let webhook_port = schemagate_testenv::cluster::free_port().unwrap().to_string();
     let install = tokio::process::Command::new(&helm)
         .args([
             "install",

@@ -16,8 +16,8 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
-use schemagate_e2e::cluster::{Cluster, ClusterOptions, StartError, free_port};
-use schemagate_e2e::harness::{
+use schemagate_testenv::cluster::{Cluster, ClusterOptions, StartError, free_port};
+use schemagate_testenv::harness::{
     TestNamespace, deployment_available, job_complete, job_failed, job_pods, namespace, wait_for,
 };
 use serde_json::json;

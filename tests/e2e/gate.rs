@@ -7,7 +7,7 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use schemagate_crds::{DatabaseMigration, HELD_FOR_ANNOTATION, REVISION_ANNOTATION};
-use schemagate_e2e::harness::{TestNamespace, deployment_available, namespace, wait_for};
+use schemagate_testenv::harness::{TestNamespace, deployment_available, namespace, wait_for};
 
 /// Dry-runs the manifest's Deployment until the webhook admits it without a hold.
 async fn await_admitted_unheld(ns: &TestNamespace, relative: &str) {
@@ -372,7 +372,7 @@ async fn twenty_releases_with_the_webhook_start_no_early_pod() {
 async fn operator_outage_never_blocks_deployments_that_did_not_opt_in() {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     let ns = namespace("outage").await;
-    let dead_port = schemagate_e2e::cluster::free_port().unwrap();
+    let dead_port = schemagate_testenv::cluster::free_port().unwrap();
     // The chart's configuration, cluster-wide, except that it matches only this test's
     // label value so that parallel tests are not refused meanwhile.
     let marker = ns.name().to_string();

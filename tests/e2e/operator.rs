@@ -4,7 +4,7 @@ use crate::support::*;
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use schemagate_crds::{DatabaseMigration, Phase};
-use schemagate_e2e::harness::{namespace, wait_for};
+use schemagate_testenv::harness::{namespace, wait_for};
 use std::time::Duration;
 
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(90);
@@ -34,7 +34,7 @@ async fn with_database_and_operator(
     name: &str,
     password: &str,
     webhook: bool,
-) -> (schemagate_e2e::harness::TestNamespace, String, Operator) {
+) -> (schemagate_testenv::harness::TestNamespace, String, Operator) {
     let ns = namespace(name).await;
     prepare(ns.cluster()).await;
     let url = create_postgres_database(ns.cluster(), password).await;

@@ -1,7 +1,7 @@
 //! The revision probe against real PostgreSQL and MariaDB servers, and real Alembic.
 //!
 //! These tests need no Kubernetes: the binary's first probe test starts one PostgreSQL and
-//! one MariaDB (see `schemagate_e2e::db`) and keeps them in statics for all others. Statics
+//! one MariaDB (see `schemagate_testenv::db`) and keeps them in statics for all others. Statics
 //! are never dropped; the servers still stop with the process because each runs under a
 //! supervisor that stops it when this process's end closes its stdin pipe. Each test works
 //! in a database of its own, created with its own user and password. A server that cannot
@@ -18,7 +18,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use schemagate::probe::{self, AppliedRevisions, ProbeError};
 use schemagate::revision::{self, Answer, Applied, Graph, Scheme};
 use schemagate_crds::{Engine, Tracking, TrackingTool};
-use schemagate_e2e::db::DatabaseServer;
+use schemagate_testenv::db::DatabaseServer;
 use sqlx::{AssertSqlSafe, Connection as _};
 use tokio::sync::OnceCell;
 

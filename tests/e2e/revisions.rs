@@ -9,7 +9,7 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use schemagate_crds::{DatabaseMigration, HELD_FOR_ANNOTATION, HELD_LABEL, RETRY_ANNOTATION};
-use schemagate_e2e::harness::{TestNamespace, deployment_available, namespace, wait_for};
+use schemagate_testenv::harness::{TestNamespace, deployment_available, namespace, wait_for};
 use sqlx::Connection as _;
 use std::path::PathBuf;
 use std::time::Duration;

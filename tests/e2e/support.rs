@@ -19,8 +19,8 @@ use schemagate::controller::ControllerConfig;
 use schemagate::run::{CertificateSource, RunConfig, WebhookSettings};
 use schemagate_crds::DatabaseMigration;
 use schemagate_crds::REVISION_ANNOTATION;
-use schemagate_e2e::harness::{TestCluster, TestNamespace};
-use schemagate_e2e::harness::{deployment_available, wait_for};
+use schemagate_testenv::harness::{TestCluster, TestNamespace};
+use schemagate_testenv::harness::{deployment_available, wait_for};
 use sqlx::Connection;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -131,7 +131,7 @@ impl Operator {
         let mut webhook = None;
         let mut webhook_config = None;
         if options.webhook {
-            let port = schemagate_e2e::cluster::free_port().expect("a free port");
+            let port = schemagate_testenv::cluster::free_port().expect("a free port");
             let name = format!("schemagate-{ns}");
             install_webhook_config(&client, &name, &ns, port).await;
             webhook = Some(WebhookSettings {

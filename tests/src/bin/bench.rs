@@ -21,7 +21,7 @@ use kube::ResourceExt;
 use kube::api::PostParams;
 use kube::runtime::watcher::{self, Event};
 use schemagate_crds::{DatabaseMigration, HELD_FOR_ANNOTATION};
-use schemagate_e2e::harness::namespace;
+use schemagate_testenv::harness::namespace;
 use std::time::Instant;
 use support::*;
 
@@ -34,7 +34,7 @@ struct ReleaseTimes {
 
 /// Watches the Job, the DatabaseMigration and the Deployment of one release and notes when
 /// each reached its mark, as seen by a client of the API server.
-async fn time_release(ns: &schemagate_e2e::harness::TestNamespace) -> ReleaseTimes {
+async fn time_release(ns: &schemagate_testenv::harness::TestNamespace) -> ReleaseTimes {
     let jobs = watcher::watcher(ns.api::<Job>(), watcher::Config::default()).boxed();
     let migrations =
         watcher::watcher(ns.api::<DatabaseMigration>(), watcher::Config::default()).boxed();
@@ -112,7 +112,7 @@ enum Seen {
 
 /// The webhook's decision alone (cache lookup, gate rule, JSON patch), in the process.
 async fn admission_decisions(
-    ns: &schemagate_e2e::harness::TestNamespace,
+    ns: &schemagate_testenv::harness::TestNamespace,
     deployment: &Deployment,
     count: usize,
 ) -> Vec<f64> {

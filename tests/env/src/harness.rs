@@ -69,8 +69,8 @@ pub async fn cluster() -> &'static TestCluster {
 }
 
 /// The `schemagate-cluster` binary: `SCHEMAGATE_CLUSTER_BIN`, else next to the test
-/// executable's directory (`target/<profile>/deps/..`), where cargo puts it for
-/// integration tests.
+/// executable's directory (`target/<profile>/deps/..`), where `cargo build -p
+/// schemagate-testenv` (or `cargo test --workspace`) puts it.
 fn supervisor_binary() -> Result<PathBuf, String> {
     if let Some(path) = std::env::var_os("SCHEMAGATE_CLUSTER_BIN") {
         return Ok(PathBuf::from(path));
@@ -86,7 +86,7 @@ fn supervisor_binary() -> Result<PathBuf, String> {
         .iter()
         .find(|p| p.is_file())
         .cloned()
-        .ok_or_else(|| format!("schemagate-cluster not found at {candidates:?}; build it (cargo builds it for `cargo test -p schemagate-e2e`) or set SCHEMAGATE_CLUSTER_BIN"))
+        .ok_or_else(|| format!("schemagate-cluster not found at {candidates:?}; build it with `cargo build -p schemagate-testenv --bins` or set SCHEMAGATE_CLUSTER_BIN"))
 }
 
 fn start_cluster() -> Result<TestCluster, String> {

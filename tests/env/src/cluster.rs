@@ -58,7 +58,7 @@ const CONTROLLERS: &[&str] = &[
 
 const STOP_GRACE: Duration = Duration::from_secs(5);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-const LOG_TAIL_LINES: usize = 40;
+pub use crate::logs::{LOG_TAIL_LINES, free_port, log_tail};
 
 /// How to start a [`Cluster`].
 #[derive(Debug, Clone)]
@@ -123,15 +123,6 @@ impl StartError {
             log_tail: log_path.map(log_tail).unwrap_or_default(),
         }
     }
-}
-
-/// The last [`LOG_TAIL_LINES`] lines of a log file (empty if it cannot be read).
-pub fn log_tail(path: &Path) -> String {
-    let text = std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
 }
 
 /// One control-plane process.
@@ -579,7 +570,7 @@ async fn start_databases(
 pub async fn build_control_plane() -> anyhow::Result<PathBuf> {
     let root = std::env::var_os("SCHEMAGATE_ROOT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
     let script = root.join("tests/controlplane/build.sh");
     let output = Command::new("bash")
         .arg(&script)
@@ -642,11 +633,6 @@ async fn etcd_healthy(port: u16) -> bool {
     )
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("binding a free port")?;
-    Ok(listener.local_addr()?.port())
-}
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;

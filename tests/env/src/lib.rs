@@ -5,5 +5,6 @@
 pub mod cluster;
 pub mod db;
 pub mod harness;
+pub mod logs;
 pub mod node;
 mod pki;

@@ -16,7 +16,7 @@
 //! `sbin`/`libexec` directories. As root, PostgreSQL runs as the `postgres` user and
 //! MariaDB as root (`--user=root`); otherwise both run as the current user.
 
-use std::io::{Read as _, Seek as _, SeekFrom};
+use crate::logs::{free_port, log_tail, tail_lines};
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -33,7 +33,6 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Start attempts, each on a newly picked port, when another process took the port.
 const START_ATTEMPTS: usize = 3;
 /// Lines of a log quoted in start errors.
-const LOG_TAIL_LINES: usize = 40;
 /// The MariaDB administrator created at start-up (root keeps its socket-only login).
 const MARIADB_ADMIN: &str = "schemagate_admin";
 
@@ -592,11 +591,6 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("picking a free port")?;
-    Ok(listener.local_addr()?.port())
-}
-
 fn random_secret() -> String {
     std::iter::repeat_with(fastrand::alphanumeric)
         .take(24)
@@ -618,24 +612,4 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<std::proces
             Ok(None) | Err(_) => return None,
         }
     }
-}
-
-/// The last lines of a log file; only its end is read.
-fn log_tail(path: &Path) -> String {
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return format!("(no log at {})\n", path.display());
-    };
-    let length = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = file.seek(SeekFrom::Start(length.saturating_sub(16 * 1024)));
-    let mut bytes = Vec::new();
-    let _ = file.read_to_end(&mut bytes);
-    tail_lines(&String::from_utf8_lossy(&bytes))
-}
-
-fn tail_lines(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines.len().saturating_sub(LOG_TAIL_LINES);
-    let mut tail = lines[start..].join("\n");
-    tail.push('\n');
-    tail
 }

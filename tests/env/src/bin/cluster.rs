@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use schemagate_e2e::cluster::{Cluster, ClusterOptions, build_control_plane};
+use schemagate_testenv::cluster::{Cluster, ClusterOptions, build_control_plane};
 use std::io::Read as _;
 use tokio::signal::unix::{SignalKind, signal};
 
