@@ -9,20 +9,6 @@ use kube::runtime::wait::await_condition;
 use schemagate_testenv::harness::{deployment_available, namespace};
 use std::time::Duration;
 
-/// `tests/helm/build.sh`: Helm from the Go module proxy, cached.
-async fn helm_bin() -> String {
-    let output = tokio::process::Command::new(repo_root().join("tests/helm/build.sh"))
-        .output()
-        .await
-        .expect("running tests/helm/build.sh");
-    assert!(
-        output.status.success(),
-        "helm build failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap().trim().to_string()
-}
-
 #[tokio::test]
 async fn helm_installed_operator_holds_the_release_through_its_service() {
     let apps = namespace("chart-apps").await;
@@ -41,8 +27,12 @@ async fn helm_installed_operator_holds_the_release_through_its_service() {
 
     let helm = helm_bin().await;
     let release = format!("sg-{}", &system.name()[system.name().len() - 6..]);
-    let metrics_port = schemagate_testenv::cluster::free_port().unwrap().to_string();
-    let webhook_port = schemagate_testenv::cluster::free_port().unwrap().to_string();
+    let metrics_port = schemagate_testenv::cluster::free_port()
+        .unwrap()
+        .to_string();
+    let webhook_port = schemagate_testenv::cluster::free_port()
+        .unwrap()
+        .to_string();
     let install = tokio::process::Command::new(&helm)
         .args([
             "install",

@@ -2,14 +2,10 @@
 //! test's own runtime and scoped to its namespace, throw-away databases, the example images.
 
 use futures::StreamExt;
-use k8s_openapi::api::admissionregistration::v1::{
-    MatchCondition, MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations,
-    WebhookClientConfig,
-};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{conditions, wait::await_condition};
@@ -132,13 +128,13 @@ impl Operator {
         let mut webhook_config = None;
         if options.webhook {
             let port = schemagate_testenv::cluster::free_port().expect("a free port");
-            let name = format!("schemagate-{ns}");
-            install_webhook_config(&client, &name, &ns, port).await;
+            let name = chart_fullname(&ns);
+            install_webhook_config(&cluster.client(), &ns, port).await;
             webhook = Some(WebhookSettings {
                 addr: format!("127.0.0.1:{port}").parse().expect("address"),
                 certificate: CertificateSource::Managed {
                     namespace: ns.clone(),
-                    secret: "schemagate-webhook-tls".into(),
+                    secret: format!("{}-webhook-cert", chart_fullname(&ns)),
                     names: CertNames::for_service(
                         "schemagate",
                         &ns,
@@ -249,7 +245,8 @@ impl Operator {
             let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
         }
         if let Some(name) = self.webhook_config.take() {
-            let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+            // The admin's client: the chart's RBAC does not let the operator delete it.
+            let api: Api<MutatingWebhookConfiguration> = Api::all(self.cluster.client());
             let _ = api.delete(&name, &DeleteParams::default()).await;
         }
     }
@@ -281,52 +278,91 @@ impl Drop for Operator {
     }
 }
 
-/// A client for a ServiceAccount of the operator's own, as in a real installation: the
-/// webhook tells the operator's changes from everyone else's by the user name.
+/// `tests/helm/build.sh`: Helm from the Go module proxy, cached.
+pub async fn helm_bin() -> String {
+    let output = tokio::process::Command::new(repo_root().join("tests/helm/build.sh"))
+        .output()
+        .await
+        .expect("running tests/helm/build.sh");
+    assert!(
+        output.status.success(),
+        "helm build failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+/// The chart's name for everything of the operator of namespace `ns`: the chart is
+/// rendered with `fullnameOverride` set to it and `watchNamespace` set to `ns`.
+pub fn chart_fullname(ns: &str) -> String {
+    format!("schemagate-{ns}")
+}
+
+/// The chart rendered for the operator of one test namespace, as `helm template` gives it.
+async fn rendered_chart(ns: &str) -> Vec<serde_json::Value> {
+    use serde::Deserialize;
+    let output = tokio::process::Command::new(helm_bin().await)
+        .arg("template")
+        .arg("schemagate")
+        .arg(repo_root().join("charts/schemagate"))
+        .args(["--namespace", ns, "--kube-version", "v1.35.4"])
+        .args(["--set", &format!("watchNamespace={ns}")])
+        .args(["--set", &format!("fullnameOverride={}", chart_fullname(ns))])
+        .output()
+        .await
+        .expect("running helm template");
+    assert!(
+        output.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).expect("helm output is text");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|document| serde_json::Value::deserialize(document).expect("a YAML document"))
+        .filter(|value| !value.is_null())
+        .collect()
+}
+
+/// Server-side applies one rendered object with the admin's client.
+async fn apply_object(admin: &kube::Client, object: &serde_json::Value) {
+    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+    let api_version = object["apiVersion"].as_str().unwrap_or_default();
+    let kind = object["kind"].as_str().unwrap_or_default();
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
+        Some(namespace) => Api::namespaced_with(admin.clone(), namespace, &resource),
+        None => Api::all_with(admin.clone(), &resource),
+    };
+    api.patch(
+        name,
+        &PatchParams::apply("schemagate-e2e").force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("applying the chart's {kind} {name}: {e}"));
+}
+
+/// A client for the chart's ServiceAccount with exactly the chart's RBAC, as in a real
+/// installation (the webhook also tells the operator's changes from everyone else's by
+/// this user name).
 async fn operator_client(namespace: &TestNamespace) -> kube::Client {
     use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
     use k8s_openapi::api::core::v1::ServiceAccount;
-    use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
     let admin = namespace.cluster().client();
-    let ns = namespace.name();
-    let params = PatchParams::apply("schemagate-e2e").force();
-    let account = ServiceAccount {
-        metadata: ObjectMeta {
-            name: Some("schemagate".into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    namespace
-        .api::<ServiceAccount>()
-        .patch("schemagate", &params, &Patch::Apply(&account))
-        .await
-        .expect("operator ServiceAccount");
-    let binding = ClusterRoleBinding {
-        metadata: ObjectMeta {
-            name: Some(format!("schemagate-{ns}")),
-            ..Default::default()
-        },
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
-            kind: "ClusterRole".into(),
-            name: "cluster-admin".into(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: "schemagate".into(),
-            namespace: Some(ns.to_string()),
-            ..Default::default()
-        }]),
-    };
-    Api::<ClusterRoleBinding>::all(admin.clone())
-        .patch(
-            &format!("schemagate-{ns}"),
-            &params,
-            &Patch::Apply(&binding),
-        )
-        .await
-        .expect("operator ClusterRoleBinding");
+    let rbac_kinds = [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+    ];
+    for object in rendered_chart(namespace.name()).await {
+        if rbac_kinds.contains(&object["kind"].as_str().unwrap_or_default()) {
+            apply_object(&admin, &object).await;
+        }
+    }
     let request = TokenRequest {
         spec: TokenRequestSpec {
             audiences: vec![],
@@ -337,7 +373,11 @@ async fn operator_client(namespace: &TestNamespace) -> kube::Client {
     };
     let token = namespace
         .api::<ServiceAccount>()
-        .create_token_request("schemagate", &Default::default(), &request)
+        .create_token_request(
+            &chart_fullname(namespace.name()),
+            &Default::default(),
+            &request,
+        )
         .await
         .expect("operator token")
         .status
@@ -346,58 +386,19 @@ async fn operator_client(namespace: &TestNamespace) -> kube::Client {
     namespace.cluster().client_with_token(&token)
 }
 
-/// A webhook configuration like the chart's, reaching the in-process operator by URL and
-/// scoped to one namespace.
-async fn install_webhook_config(client: &kube::Client, name: &str, namespace: &str, port: u16) {
-    let config = MutatingWebhookConfiguration {
-        metadata: ObjectMeta {
-            name: Some(name.to_string()),
-            ..Default::default()
-        },
-        webhooks: Some(vec![MutatingWebhook {
-            name: "deployments.schemagate.dev".into(),
-            admission_review_versions: vec!["v1".into()],
-            side_effects: "None".into(),
-            failure_policy: Some("Fail".into()),
-            timeout_seconds: Some(5),
-            client_config: WebhookClientConfig {
-                url: Some(format!("https://127.0.0.1:{port}/mutate-deployments")),
-                ..Default::default()
-            },
-            rules: Some(vec![RuleWithOperations {
-                api_groups: Some(vec!["apps".into()]),
-                api_versions: Some(vec!["v1".into()]),
-                resources: Some(vec!["deployments".into()]),
-                operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
-                scope: Some("Namespaced".into()),
-            }]),
-            namespace_selector: Some(LabelSelector {
-                match_labels: Some([("kubernetes.io/metadata.name".to_string(), namespace.to_string())].into()),
-                ..Default::default()
-            }),
-            object_selector: Some(LabelSelector {
-                match_expressions: Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
-                    key: schemagate_crds::MIGRATION_LABEL.into(),
-                    operator: "Exists".into(),
-                    values: None,
-                }]),
-                ..Default::default()
-            }),
-            match_conditions: Some(vec![MatchCondition {
-                name: "opted-in".into(),
-                expression: "has(object.metadata.labels) && 'schemagate.dev/migration' in object.metadata.labels".into(),
-            }]),
-            ..Default::default()
-        }]),
-    };
-    Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .patch(
-            name,
-            &PatchParams::apply("schemagate-e2e").force(),
-            &Patch::Apply(&config),
-        )
+/// The chart's webhook configuration, reaching the in-process operator by URL on loopback
+/// instead of through the chart's Service (the chart test covers that path).
+async fn install_webhook_config(client: &kube::Client, namespace: &str, port: u16) {
+    let mut config = rendered_chart(namespace)
         .await
-        .expect("installing the webhook configuration");
+        .into_iter()
+        .find(|o| o["kind"] == "MutatingWebhookConfiguration")
+        .expect("the chart renders a MutatingWebhookConfiguration");
+    for webhook in config["webhooks"].as_array_mut().into_iter().flatten() {
+        webhook["clientConfig"] =
+            serde_json::json!({ "url": format!("https://127.0.0.1:{port}/mutate-deployments") });
+    }
+    apply_object(client, &config).await;
 }
 
 /// A new PostgreSQL database with its own user; returns its URL.

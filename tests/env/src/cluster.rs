@@ -633,7 +633,6 @@ async fn etcd_healthy(port: u16) -> bool {
     )
 }
 
-
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
     path.canonicalize()
