@@ -132,7 +132,6 @@ pub fn build_job(migration: &DatabaseMigration) -> Job {
         (REVISION_ANNOTATION.to_string(), spec.revision.clone()),
         (REQUESTED_BY_ANNOTATION.to_string(), requested_by(migration)),
     ]);
-    let (container_security, pod_security) = security(migrator);
     Job {
         metadata: ObjectMeta {
             name: Some(job_name(migration)),
@@ -149,33 +148,21 @@ pub fn build_job(migration: &DatabaseMigration) -> Job {
                     .active_deadline_seconds
                     .unwrap_or(DEFAULT_ACTIVE_DEADLINE_SECONDS),
             ),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
+            template: migrator_pod(
+                migrator,
+                ObjectMeta {
                     labels: Some(labels),
                     annotations: Some(annotations),
                     ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    restart_policy: Some("Never".to_string()),
-                    service_account_name: migrator.service_account_name.clone(),
-                    // The migrator talks to the database, not to Kubernetes.
-                    automount_service_account_token: Some(false),
-                    security_context: Some(pod_security),
-                    containers: vec![Container {
-                        name: CONTAINER_NAME.to_string(),
-                        image: Some(migrator.image.clone()),
-                        command: non_empty(&migrator.command),
-                        args: non_empty(&migrator.args),
-                        env: Some(env),
-                        resources: migrator.resources.clone(),
-                        security_context: Some(container_security),
-                        // A failing migrator's last output becomes the termination message.
-                        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
-                        ..Default::default()
-                    }],
+                },
+                Container {
+                    name: CONTAINER_NAME.to_string(),
+                    command: non_empty(&migrator.command),
+                    args: non_empty(&migrator.args),
+                    env: Some(env),
                     ..Default::default()
-                }),
-            },
+                },
+            ),
             ..Default::default()
         }),
         status: None,
@@ -207,6 +194,34 @@ fn security(migrator: &MigratorSpec) -> (SecurityContext, PodSecurityContext) {
             ..Default::default()
         });
     (container, pod)
+}
+
+/// The pod of a Job of this migration: the migrator's image, ServiceAccount, resources and
+/// security contexts, no API token (it talks to the database, not to Kubernetes), never
+/// restarted, and a failing container's last output as its termination message.
+fn migrator_pod(
+    migrator: &MigratorSpec,
+    metadata: ObjectMeta,
+    container: Container,
+) -> PodTemplateSpec {
+    let (container_security, pod_security) = security(migrator);
+    PodTemplateSpec {
+        metadata: Some(metadata),
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".to_string()),
+            service_account_name: migrator.service_account_name.clone(),
+            automount_service_account_token: Some(false),
+            security_context: Some(pod_security),
+            containers: vec![Container {
+                image: Some(migrator.image.clone()),
+                resources: migrator.resources.clone(),
+                security_context: Some(container_security),
+                termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+                ..container
+            }],
+            ..Default::default()
+        }),
+    }
 }
 
 /// Whether this migration's tool needs the revision graph of the migrator image.
@@ -281,7 +296,6 @@ pub fn build_graph_job(migration: &DatabaseMigration) -> Job {
         (OWNER_LABEL.to_string(), migration.name_any()),
         (PURPOSE_LABEL.to_string(), "revision-graph".to_string()),
     ]);
-    let (container_security, pod_security) = security(migrator);
     let command = revision_graph_command(migrator);
     Job {
         metadata: ObjectMeta {
@@ -295,30 +309,20 @@ pub fn build_graph_job(migration: &DatabaseMigration) -> Job {
             backoff_limit: Some(0),
             active_deadline_seconds: Some(GRAPH_DEADLINE_SECONDS),
             ttl_seconds_after_finished: Some(GRAPH_TTL_SECONDS),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
+            template: migrator_pod(
+                migrator,
+                ObjectMeta {
                     labels: Some(labels),
                     ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    restart_policy: Some("Never".to_string()),
-                    service_account_name: migrator.service_account_name.clone(),
-                    automount_service_account_token: Some(false),
-                    security_context: Some(pod_security),
-                    containers: vec![Container {
-                        name: GRAPH_CONTAINER_NAME.to_string(),
-                        image: Some(migrator.image.clone()),
-                        command: Some(command),
-                        env: non_empty(&env),
-                        resources: migrator.resources.clone(),
-                        security_context: Some(container_security),
-                        termination_message_path: Some("/dev/termination-log".to_string()),
-                        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
-                        ..Default::default()
-                    }],
+                },
+                Container {
+                    name: GRAPH_CONTAINER_NAME.to_string(),
+                    command: Some(command),
+                    env: non_empty(&env),
+                    termination_message_path: Some("/dev/termination-log".to_string()),
                     ..Default::default()
-                }),
-            },
+                },
+            ),
             ..Default::default()
         }),
         status: None,

@@ -179,23 +179,14 @@ async fn observe_graph_job(
     else {
         return Ok(GraphJob::Missing);
     };
-    let status = found.status.clone().unwrap_or_default();
-    let finished = |type_: &str| {
-        status
-            .conditions
-            .iter()
-            .flatten()
-            .find(|c| c.type_ == type_ && c.status == "True")
-            .cloned()
-    };
-    if finished("Complete").is_some() {
+    if true_condition(&found, "Complete").is_some() {
         let report = termination(ctx, namespace, &name)
             .await?
             .and_then(|(_, message)| message)
             .unwrap_or_default();
         return Ok(GraphJob::Reported { name, report });
     }
-    if let Some(failed) = finished("Failed") {
+    if let Some(failed) = true_condition(&found, "Failed").cloned() {
         let output =
             termination(ctx, namespace, &name)
                 .await?
@@ -223,6 +214,19 @@ pub async fn probe_database(
     probe_with_timeout(migration, &url).await
 }
 
+/// The Job's condition of that type, when it is True (Complete, Failed).
+fn true_condition<'a>(
+    job: &'a Job,
+    type_: &str,
+) -> Option<&'a k8s_openapi::api::batch::v1::JobCondition> {
+    job.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == "True")
+}
+
 async fn probe_with_timeout(migration: &DatabaseMigration, url: &str) -> Result<AppliedRevisions> {
     let database = &migration.spec.database;
     match tokio::time::timeout(
@@ -246,16 +250,9 @@ async fn observe_job(
 ) -> Result<ObservedJob> {
     let name = found.name_any();
     let status = found.status.clone().unwrap_or_default();
-    let condition = |type_: &str| {
-        status
-            .conditions
-            .iter()
-            .flatten()
-            .find(|c| c.type_ == type_ && c.status == "True")
-    };
-    let state = if condition("Complete").is_some() {
+    let state = if true_condition(found, "Complete").is_some() {
         JobState::Succeeded
-    } else if let Some(failed) = condition("Failed") {
+    } else if let Some(failed) = true_condition(found, "Failed") {
         JobState::Failed {
             reason: failed
                 .reason
