@@ -96,18 +96,8 @@ impl Sources {
         key: &str,
         optional: bool,
     ) -> Result<Option<Vec<u8>>, ConfigError> {
-        let namespace = self.namespace.clone();
-        match self.secret(name).await? {
-            None if optional => Ok(None),
-            None => Err(ConfigError(format!("secret {name:?} not found"))),
-            Some(data) => match data.get(key) {
-                Some(value) => Ok(Some(value.clone())),
-                None if optional => Ok(None),
-                None => Err(ConfigError(format!(
-                    "couldn't find key {key} in Secret {namespace}/{name}"
-                ))),
-            },
-        }
+        let data = self.secret(name).await?.cloned();
+        self.pick_key(("secret", "Secret"), name, data.as_ref(), key, optional)
     }
 
     /// One key of a ConfigMap; `Ok(None)` only when the reference is optional and missing.
@@ -117,15 +107,34 @@ impl Sources {
         key: &str,
         optional: bool,
     ) -> Result<Option<Vec<u8>>, ConfigError> {
-        let namespace = self.namespace.clone();
-        match self.config_map(name).await? {
+        let data = self.config_map(name).await?.cloned();
+        self.pick_key(
+            ("configmap", "ConfigMap"),
+            name,
+            data.as_ref(),
+            key,
+            optional,
+        )
+    }
+
+    /// A key of an object's data, with the kubelet's messages for what is missing.
+    fn pick_key(
+        &self,
+        (lower, kind): (&str, &str),
+        name: &str,
+        data: Option<&BTreeMap<String, Vec<u8>>>,
+        key: &str,
+        optional: bool,
+    ) -> Result<Option<Vec<u8>>, ConfigError> {
+        match data {
             None if optional => Ok(None),
-            None => Err(ConfigError(format!("configmap {name:?} not found"))),
+            None => Err(ConfigError(format!("{lower} {name:?} not found"))),
             Some(data) => match data.get(key) {
                 Some(value) => Ok(Some(value.clone())),
                 None if optional => Ok(None),
                 None => Err(ConfigError(format!(
-                    "couldn't find key {key} in ConfigMap {namespace}/{name}"
+                    "couldn't find key {key} in {kind} {}/{name}",
+                    self.namespace
                 ))),
             },
         }
