@@ -12,6 +12,10 @@ use std::sync::Arc;
 /// The field manager of every write schemagate makes.
 pub const FIELD_MANAGER: &str = "schemagate";
 
+/// A DatabaseMigration as the controllers and the webhook read it: one that cannot be
+/// parsed still has a name and a namespace to report on.
+pub type GuardedMigration = DeserializeGuard<DatabaseMigration>;
+
 /// A clock that tests can replace.
 pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
 

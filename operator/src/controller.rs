@@ -1,30 +1,23 @@
-//! The wiring of the controllers — migrations ([`crate::migration`]), the gate backstop
-//! and the release of holds that left the gate ([`crate::gate::backstop`]) — and the one
-//! reporting path for failed reconciles.
+//! The wiring of the controllers: migrations ([`crate::migration`]), the gate backstop and
+//! the release of holds that left the gate ([`crate::gate::backstop`]).
 
 use crate::context::Context;
-use crate::error::Error;
 use crate::gate::backstop;
 use crate::migration::{self, job};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::Api;
-use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Config, Controller};
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use schemagate_crds::{DatabaseMigration, HELD_LABEL, MIGRATION_LABEL};
+use schemagate_crds::{HELD_LABEL, MIGRATION_LABEL};
 use std::future::Future;
 use std::sync::Arc;
 use tracing::warn;
 
-/// A DatabaseMigration as the controllers read it: one that cannot be parsed still has a
-/// name and a namespace to report on.
-pub type GuardedMigration = DeserializeGuard<DatabaseMigration>;
+use crate::context::GuardedMigration;
 
 /// How the controllers run.
 #[derive(Clone, Debug)]
@@ -34,38 +27,6 @@ pub struct ControllerConfig {
     /// Reconciles running at once, per controller.
     pub concurrency: u16,
 }
-
-/// The one reporting path for failed reconciles: a log line, a metric and a Warning Event
-/// with the reason and the error chain.
-pub(crate) async fn report(
-    ctx: &Context,
-    controller: &'static str,
-    reference: &ObjectReference,
-    error: &Error,
-) {
-    ctx.metrics.reconcile_failed(controller, error.reason());
-    let message = crate::conditions::event_note(&error.chain());
-    warn!(
-        controller,
-        reason = error.reason(),
-        namespace = reference.namespace.as_deref().unwrap_or_default(),
-        name = reference.name.as_deref().unwrap_or_default(),
-        "{message}"
-    );
-    let event = Event {
-        type_: EventType::Warning,
-        reason: error.reason().to_string(),
-        note: Some(message),
-        action: "Reconcile".to_string(),
-        secondary: None,
-    };
-    if let Err(publish_error) = ctx.recorder.publish(&event, reference).await {
-        warn!(error = %publish_error, "cannot publish Event");
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Wiring
 
 fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
 where

@@ -15,6 +15,7 @@ pub mod error;
 pub mod gate;
 pub mod migration;
 pub mod probe;
+pub mod report;
 pub mod revision;
 pub mod run;
 pub mod telemetry;

@@ -7,10 +7,11 @@
 //! resourceVersion-guarded patch, then the Events).
 
 use crate::backoff::key_of;
+use crate::context::GuardedMigration;
 use crate::context::{Context, FIELD_MANAGER};
-use crate::controller::{GuardedMigration, report};
 use crate::error::{Error, Result};
 use crate::gate::{self, GateChange, Verdict, Workload};
+use crate::report::report;
 use crate::telemetry::GateLabels;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;

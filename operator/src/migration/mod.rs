@@ -22,8 +22,9 @@ mod scenario_tests;
 
 use crate::backoff::key_of;
 use crate::context::Context;
-use crate::controller::{GuardedMigration, report};
+use crate::context::GuardedMigration;
 use crate::error::{Error, Result};
+use crate::report::report;
 use apply::{apply, publish, update_status};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
