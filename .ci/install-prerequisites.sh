@@ -10,6 +10,8 @@ command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need+=(maria
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+# Lua 5.1, the language of Argo CD's health checks, for the health check's tests.
+command -v lua5.1 >/dev/null 2>&1 || need+=(lua5.1)
 if [ ${#need[@]} -gt 0 ]; then
   echo "prerequisites: installing ${need[*]}"
   apt-get update -qq

@@ -294,7 +294,8 @@ pub struct DatabaseMigrationStatus {
     /// Summary of the migration: Pending, Running, Succeeded or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
-    /// Ready, Progressing, Failed and Drifted, after the Kubernetes condition conventions.
+    /// Ready, Progressing, Failed and Drifted, after the Kubernetes condition conventions,
+    /// and Reconciling and Stalled, which kstatus (Helm 4 `--wait`, Flux, kpt) reads.
     /// Reasons: RevisionApplied, MigrationRunning, JobCreated, JobRunning, Complete,
     /// Succeeded, MigrationFailed, RevisionNotApplied, Drifted, RevisionMissing, InSync,
     /// RevisionUndetermined, ReadingRevisionGraph, Suspended, WaitingForOtherMigration,
@@ -414,6 +415,29 @@ pub enum AttemptResult {
     Failed,
 }
 
+/// The CustomResourceDefinition to install: the derived one, with one addition the derive
+/// cannot express. `status` defaults to `{observedGeneration: 0}`, so a DatabaseMigration the
+/// operator has not looked at yet reads as "not yet observed" (generation 1 ≠ 0) to kstatus,
+/// Helm 4 `--wait` and Argo CD, rather than as done.
+pub fn crd()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSON;
+    use kube::CustomResourceExt;
+    let mut crd = DatabaseMigration::crd();
+    for version in &mut crd.spec.versions {
+        let status = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|s| s.properties.as_mut())
+            .and_then(|p| p.get_mut("status"));
+        if let Some(status) = status {
+            status.default = Some(JSON(serde_json::json!({ "observedGeneration": 0 })));
+        }
+    }
+    crd
+}
+
 /// The standard condition types of a DatabaseMigration.
 pub mod condition {
     /// The database reports the revision; Deployments needing it are released.
@@ -424,6 +448,11 @@ pub mod condition {
     pub const FAILED: &str = "Failed";
     /// The database no longer reports a revision it reported before.
     pub const DRIFTED: &str = "Drifted";
+    /// kstatus: work is under way (a Job runs, the graph is read, the database is retried).
+    pub const RECONCILING: &str = "Reconciling";
+    /// kstatus: nothing more happens without a person (a failed migration, drift, an
+    /// invalid spec, a Secret or credentials to fix).
+    pub const STALLED: &str = "Stalled";
 }
 
 /// Condition and Event reasons of a DatabaseMigration, in one place. Errors that stop a

@@ -7,8 +7,8 @@ use crate::probe;
 use crate::run::{CertificateSource, RunConfig, WebhookSettings};
 use crate::telemetry::{LogFormat, init_logging};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use kube::Client;
 use kube::api::Api;
-use kube::{Client, CustomResourceExt};
 use schemagate_crds::{DatabaseMigration, Engine, Tracking, TrackingTool};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -149,7 +149,7 @@ pub async fn main() -> ExitCode {
             println!("schemagate {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Crd => match serde_yaml::to_string(&DatabaseMigration::crd()) {
+        Command::Crd => match serde_yaml::to_string(&schemagate_crds::crd()) {
             Ok(yaml) => {
                 print!("{yaml}");
                 ExitCode::SUCCESS

@@ -62,6 +62,19 @@ impl Error {
         }
     }
 
+    /// Whether only a person can fix it (a Secret, credentials, the URL, the tracking
+    /// settings, a dirty schema), as opposed to a passing failure that a retry may cure.
+    pub fn needs_person(&self) -> bool {
+        match self {
+            Error::SecretNotFound { .. }
+            | Error::SecretKeyMissing { .. }
+            | Error::SecretNotText { .. }
+            | Error::InvalidObject { .. } => true,
+            Error::Probe { source } => !matches!(source, ProbeError::Connect { .. }),
+            Error::ProbeTimeout { .. } | Error::Kube { .. } => false,
+        }
+    }
+
     /// Wraps a Kubernetes API error with what was being done.
     pub fn kube(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
         let action = action.into();

@@ -6,10 +6,10 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{conditions, wait::await_condition};
-use kube::{CustomResourceExt, ResourceExt};
 use schemagate::certs::CertNames;
 use schemagate::controller::ControllerConfig;
 use schemagate::run::{CertificateSource, RunConfig, WebhookSettings};
@@ -43,7 +43,7 @@ pub fn app_dir() -> PathBuf {
 /// images, and waits until the CRD is established.
 pub async fn prepare(cluster: &TestCluster) {
     let crds: Api<CustomResourceDefinition> = Api::all(cluster.client());
-    let crd = DatabaseMigration::crd();
+    let crd = schemagate_crds::crd();
     crds.patch(
         &crd.name_any(),
         &PatchParams::apply("schemagate-e2e").force(),

@@ -14,7 +14,7 @@ use kube::runtime::events::EventType;
 use schemagate_crds::{
     AttemptResult, DatabaseMigration, DatabaseMigrationStatus, HistoryEntry, MigrationJobStatus,
     Phase, RevisionGraphStatus,
-    condition::{DRIFTED, FAILED, PROGRESSING, READY},
+    condition::{DRIFTED, FAILED, PROGRESSING, READY, RECONCILING, STALLED},
     reason,
 };
 use std::time::Duration;
@@ -233,6 +233,14 @@ fn retry_of(entry: &HistoryEntry) -> Option<&str> {
     entry.requested_by.as_deref()?.strip_prefix("retry ")
 }
 
+/// Where the work on a resource stands, for kstatus's Reconciling and Stalled conditions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Work {
+    UnderWay,
+    NeedsPerson,
+    Done,
+}
+
 /// The status being written, with the helpers that fill it in for each outcome.
 struct Draft<'a> {
     migration: &'a DatabaseMigration,
@@ -255,6 +263,17 @@ impl Draft<'_> {
             generation,
             self.now,
         );
+    }
+
+    /// kstatus's two conditions: work under way, or waiting for a person, or neither.
+    fn work(&mut self, work: Work, reason: &str, message: &str) {
+        let (reconciling, stalled) = match work {
+            Work::UnderWay => (Status::True, Status::False),
+            Work::NeedsPerson => (Status::False, Status::True),
+            Work::Done => (Status::False, Status::False),
+        };
+        self.set(RECONCILING, reconciling, reason, message);
+        self.set(STALLED, stalled, reason, message);
     }
 
     /// What the database reports, in words.
@@ -367,6 +386,11 @@ impl Draft<'_> {
         }
     }
 
+    /// Whether the spec changed since the status was last written.
+    fn new_generation(&self) -> bool {
+        self.previous.observed_generation != self.migration.metadata.generation
+    }
+
     fn attempt_already_failed(&self, job_name: &str) -> bool {
         self.previous
             .history
@@ -389,6 +413,7 @@ impl Draft<'_> {
         self.set(READY, Status::False, reason::INVALID_SPEC, &message);
         self.set(FAILED, Status::True, reason::INVALID_SPEC, &message);
         self.set(PROGRESSING, Status::False, reason::INVALID_SPEC, &message);
+        self.work(Work::NeedsPerson, reason::INVALID_SPEC, &message);
         self.note_on_transition(EventType::Warning, reason::INVALID_SPEC, message);
         self.finish(None, Next::AwaitChange)
     }
@@ -400,10 +425,22 @@ impl Draft<'_> {
         // that were already satisfied, and nothing is released on a guess.
         self.status.phase = Some(match job.map(|j| &j.state) {
             Some(JobState::Active) => Phase::Running,
-            _ if self.previous.phase == Some(Phase::Failed) => Phase::Failed,
+            _ if self.previous.phase == Some(Phase::Failed) && !self.new_generation() => {
+                Phase::Failed
+            }
             _ => Phase::Pending,
         });
         self.set(READY, Status::False, reason, &message);
+        if self.status.phase != Some(Phase::Failed) {
+            // A failure of an earlier spec says nothing about this one.
+            self.set(FAILED, Status::False, reason, &message);
+        }
+        let work = if error.needs_person() {
+            Work::NeedsPerson
+        } else {
+            Work::UnderWay
+        };
+        self.work(work, reason, &message);
         self.finish(None, Next::Fail(error))
     }
 
@@ -415,6 +452,7 @@ impl Draft<'_> {
         self.set(PROGRESSING, Status::False, reason::COMPLETE, &message);
         self.set(FAILED, Status::False, reason::SUCCEEDED, &message);
         self.set(DRIFTED, Status::False, reason::IN_SYNC, &message);
+        self.work(Work::Done, reason::REVISION_APPLIED, &message);
         match job {
             Some(job) if job.state == JobState::Succeeded => {
                 // The database may show the revision before the Job is marked complete:
@@ -467,6 +505,7 @@ impl Draft<'_> {
         self.status.phase = Some(Phase::Failed);
         self.set(READY, Status::False, reason::DRIFTED, &message);
         self.set(DRIFTED, Status::True, reason::REVISION_MISSING, &message);
+        self.work(Work::NeedsPerson, reason::DRIFTED, &message);
         self.note_on_transition(EventType::Warning, reason::DRIFTED, message);
         self.finish(None, Next::Requeue(drift_interval))
     }
@@ -491,6 +530,7 @@ impl Draft<'_> {
             reason::REVISION_UNDETERMINED,
             &message,
         );
+        self.work(Work::NeedsPerson, reason::REVISION_UNDETERMINED, &message);
         self.note_on_transition(EventType::Warning, reason::REVISION_UNDETERMINED, message);
         self.finish(None, Next::Requeue(drift_interval))
     }
@@ -504,6 +544,14 @@ impl Draft<'_> {
         self.status.phase = Some(Phase::Pending);
         self.set(READY, Status::False, reason, &message);
         self.set(PROGRESSING, Status::False, reason, &message);
+        self.set(FAILED, Status::False, reason, &message);
+        // Suspended waits for a person's choice, not for a fix: neither under way nor stalled.
+        let work = if reason == reason::SUSPENDED {
+            Work::Done
+        } else {
+            Work::UnderWay
+        };
+        self.work(work, reason, &message);
         self.note_on_transition(EventType::Normal, reason, message);
         self.finish(None, next)
     }
@@ -523,6 +571,7 @@ impl Draft<'_> {
         self.set(READY, Status::False, reason::MIGRATION_RUNNING, &message);
         self.set(PROGRESSING, Status::True, reason::JOB_CREATED, &message);
         self.set(FAILED, Status::False, reason::MIGRATION_RUNNING, &message);
+        self.work(Work::UnderWay, reason::JOB_CREATED, &message);
         self.note_on_transition(EventType::Normal, reason::JOB_CREATED, message);
         self.finish(Some(job), Next::Requeue(RUNNING_RECHECK))
     }
@@ -536,6 +585,7 @@ impl Draft<'_> {
         self.set(READY, Status::False, reason::MIGRATION_RUNNING, &message);
         self.set(PROGRESSING, Status::True, reason::JOB_RUNNING, &message);
         self.set(FAILED, Status::False, reason::MIGRATION_RUNNING, &message);
+        self.work(Work::UnderWay, reason::JOB_RUNNING, &message);
         self.finish(None, Next::Requeue(RUNNING_RECHECK))
     }
 
@@ -570,6 +620,7 @@ impl Draft<'_> {
         self.set(READY, Status::False, why, &message);
         self.set(PROGRESSING, Status::False, why, &message);
         self.set(FAILED, Status::True, why, &message);
+        self.work(Work::NeedsPerson, why, &message);
         let entry = self.history_entry(Some(job), AttemptResult::Failed);
         let _ = self.push_history(entry);
         self.note_on_transition(EventType::Warning, why, message);
@@ -819,6 +870,10 @@ mod tests {
         assert_eq!(condition(&plan, READY).reason, "WaitingForOtherMigration");
     }
 
+    fn with_graph_status(migration: &mut DatabaseMigration) {
+        with_graph(migration)
+    }
+
     /// The incident's graph, as the revision-graph Job of the image reports it.
     fn with_graph(migration: &mut DatabaseMigration) {
         let job = job::graph_job_name(migration);
@@ -974,5 +1029,196 @@ mod tests {
             plan.status.applied_revisions.last().map(String::as_str),
             Some("00000000005000")
         );
+    }
+
+    /// kstatus's rules for a resource it has no special rules for (cli-utils
+    /// `pkg/kstatus/status`, generic properties), as Helm 4 `--wait`, Flux and kpt apply them.
+    fn kstatus(generation: Option<i64>, status: &DatabaseMigrationStatus) -> &'static str {
+        if status
+            .observed_generation
+            .is_some_and(|observed| Some(observed) != generation)
+        {
+            return "InProgress";
+        }
+        let is = |type_| crate::conditions::is_true(&status.conditions, type_);
+        if is(RECONCILING) {
+            return "InProgress";
+        }
+        if is(STALLED) {
+            return "Failed";
+        }
+        "Current"
+    }
+
+    #[test]
+    fn kstatus_reads_every_outcome_of_the_plan_as_a_person_would() {
+        let migration = migration_from_yaml(MIGRATION);
+        let generation = migration.metadata.generation;
+        // A new resource: only the CRD's status default, {observedGeneration: 0}.
+        let new = DatabaseMigrationStatus {
+            observed_generation: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(kstatus(generation, &new), "InProgress", "never done unseen");
+
+        let mut with_graph = migration.clone();
+        with_graph_status(&mut with_graph);
+        let ready = plan(&with_graph, observed(Ok(heads(&["0002"])), None), now());
+        let mut was_ready = with_graph.clone();
+        was_ready.status = Some(ready.status.clone());
+        let mut suspended = migration.clone();
+        suspended.spec.suspend = true;
+        let mut invalid = migration.clone();
+        invalid.spec.database.tracking.query = Some("SELECT 1".into());
+        let mut other = observed(Ok(heads(&["0001"])), None);
+        other.other_active_job = Some("other-1".into());
+        let mut graph_pending = observed(Ok(heads(&["0003"])), None);
+        graph_pending.graph_job = GraphJob::Running {
+            name: job::graph_job_name(&migration),
+        };
+        let secret_missing = Error::SecretNotFound {
+            namespace: "prod".into(),
+            name: "app-db-url".into(),
+            key: "url".into(),
+        };
+        let failed_job = job(
+            &migration,
+            JobState::Failed {
+                reason: "BackoffLimitExceeded".into(),
+            },
+            Some("boom"),
+        );
+        let outcomes: Vec<(&str, Plan, &str)> = vec![
+            ("ready", ready, "Current"),
+            (
+                "job started",
+                plan(&migration, observed(Ok(heads(&[])), None), now()),
+                "InProgress",
+            ),
+            (
+                "job running",
+                plan(
+                    &migration,
+                    observed(
+                        Ok(heads(&["0001"])),
+                        Some(job(&migration, JobState::Active, None)),
+                    ),
+                    now(),
+                ),
+                "InProgress",
+            ),
+            (
+                "job failed",
+                plan(
+                    &migration,
+                    observed(Ok(heads(&["0001"])), Some(failed_job)),
+                    now(),
+                ),
+                "Failed",
+            ),
+            (
+                "job done, revision missing",
+                plan(
+                    &with_graph,
+                    observed(
+                        Ok(heads(&["0001"])),
+                        Some(job(&migration, JobState::Succeeded, None)),
+                    ),
+                    now(),
+                ),
+                "Failed",
+            ),
+            (
+                "drifted",
+                plan(&was_ready, observed(Ok(heads(&["0001"])), None), now()),
+                "Failed",
+            ),
+            (
+                "invalid spec",
+                plan(&invalid, observed(Ok(heads(&["0001"])), None), now()),
+                "Failed",
+            ),
+            (
+                "secret missing",
+                plan(&migration, observed(Err(secret_missing), None), now()),
+                "Failed",
+            ),
+            (
+                "database timing out",
+                plan(
+                    &migration,
+                    observed(Err(Error::ProbeTimeout { seconds: 20 }), None),
+                    now(),
+                ),
+                "InProgress",
+            ),
+            (
+                "suspended",
+                plan(&suspended, observed(Ok(heads(&["0001"])), None), now()),
+                "Current",
+            ),
+            (
+                "waiting for another migration",
+                plan(&migration, other, now()),
+                "InProgress",
+            ),
+            (
+                "reading the revision graph",
+                plan(&migration, graph_pending, now()),
+                "InProgress",
+            ),
+            (
+                "undetermined head",
+                plan(&was_ready, observed(Ok(heads(&["f00d"])), None), now()),
+                "Failed",
+            ),
+        ];
+        for (name, plan, expected) in outcomes {
+            assert_eq!(kstatus(generation, &plan.status), expected, "{name}");
+            let ready = crate::conditions::is_true(&plan.status.conditions, READY);
+            assert_eq!(
+                ready,
+                expected == "Current" && name != "suspended",
+                "{name}: Ready"
+            );
+            for type_ in [READY, RECONCILING, STALLED] {
+                let condition = crate::conditions::find(&plan.status.conditions, type_)
+                    .unwrap_or_else(|| panic!("{name}: no {type_}"));
+                assert_eq!(condition.observed_generation, generation, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_failure_of_an_earlier_spec_is_not_shown_for_a_new_one() {
+        let mut migration = migration_from_yaml(MIGRATION);
+        let failed_job = job(
+            &migration,
+            JobState::Failed {
+                reason: "BackoffLimitExceeded".into(),
+            },
+            None,
+        );
+        let failed = plan(
+            &migration,
+            observed(Ok(heads(&["0001"])), Some(failed_job)),
+            now(),
+        );
+        migration.status = Some(failed.status);
+        // A new revision, to be applied later: the earlier failure is not this attempt's.
+        migration.metadata.generation = Some(4);
+        migration.spec.revision = "0003".into();
+        migration.spec.suspend = true;
+        let suspended = plan(&migration, observed(Ok(heads(&["0001"])), None), now());
+        assert_eq!(condition(&suspended, FAILED).status, "False");
+        migration.status = Some(suspended.status);
+        migration.metadata.generation = Some(5);
+        let unreadable = plan(
+            &migration,
+            observed(Err(Error::ProbeTimeout { seconds: 20 }), None),
+            now(),
+        );
+        assert_eq!(condition(&unreadable, FAILED).status, "False");
+        assert_eq!(unreadable.status.phase, Some(Phase::Pending));
     }
 }
