@@ -554,3 +554,24 @@ async fn leaving_the_gate_while_held_releases_the_hold() {
             .contains("no longer carries annotation schemagate.dev/revision")
     );
 }
+
+/// `kubectl rollout resume` on a held Deployment: kubectl prints the webhook's warning
+/// naming the revision awaited, and the Deployment stays held.
+#[tokio::test]
+async fn kubectl_rollout_resume_on_a_held_deployment_says_why_it_stays_paused() {
+    let (ns, _url, _operator) = setup("resume-held").await;
+    apply_yaml(&ns, &worker("web", "0002")).await;
+    await_held(&ns, "web", "0002").await;
+    let output = ns
+        .cluster()
+        .kubectl(["-n", ns.name(), "rollout", "resume", "deployment/web"])
+        .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("Warning: schemagate kept this rollout paused")
+            && stderr.contains("revision 0002 of DatabaseMigration app-db"),
+        "kubectl shows why: {stderr}"
+    );
+    let still: Deployment = ns.api().get("web").await.unwrap();
+    assert!(paused(&still) && held_for(&still) == Some("0002"));
+}

@@ -126,12 +126,19 @@ pub fn admit<W: gate::Workload>(ctx: &Context, request: &AdmissionRequest<W>) ->
                         by: "webhook",
                     })
                     .inc();
+                let mut patched = patched;
                 if let Verdict::Held { message, .. } = &verdict {
                     tracing::info!(
                         namespace = request.namespace.as_deref().unwrap_or_default(),
                         name = request.name,
                         "admission: held: {message}"
                     );
+                    // kubectl, Helm and Argo CD show admission warnings to the person.
+                    let resumed = request
+                        .old_object
+                        .as_ref()
+                        .is_some_and(|old| gate::held_by_schemagate(old) && old.rollout_stopped());
+                    patched.warnings = Some(vec![hold_warning(&requirement, resumed)]);
                 }
                 patched
             }
@@ -145,6 +152,23 @@ pub fn admit<W: gate::Workload>(ctx: &Context, request: &AdmissionRequest<W>) ->
             response
         }
     }
+}
+
+/// The admission warning of a hold, within the 256 characters clients show in full.
+fn hold_warning(requirement: &gate::Requirement, resumed: bool) -> String {
+    let gate::Requirement {
+        migration,
+        revision,
+    } = requirement;
+    let what = if resumed {
+        "schemagate kept this rollout paused"
+    } else {
+        "schemagate paused this rollout"
+    };
+    let text = format!(
+        "{what}: it needs revision {revision} of DatabaseMigration {migration}, not applied yet; it resumes by itself once the database reports it (kubectl describe dbm {migration})"
+    );
+    text.chars().take(256).collect()
 }
 
 /// Serves the webhook over TLS until `shutdown`.
