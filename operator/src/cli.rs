@@ -133,6 +133,18 @@ pub struct CheckArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
+    /// Wait until every opted-in Deployment has its revision applied and has rolled out.
+    /// Exits 1 at once when a migration fails (with its message), 2 on --timeout.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, such as 90s, 10m or 1h.
+    #[arg(long, default_value = "10m", value_parser = parse_timeout)]
+    pub timeout: std::time::Duration,
+}
+
+fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
+    crate::duration::parse_duration(text)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 90s, 10m or 1h"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -324,6 +336,76 @@ async fn probe_command(args: ProbeArgs) -> ExitCode {
     }
 }
 
+/// `check --wait`: polls until every row is applied and rolled out, printing each change
+/// a person should see; fails fast when a migration needs a person, and on the timeout.
+async fn wait_for_rollouts(
+    client: &Client,
+    namespace: Option<&str>,
+    timeout: std::time::Duration,
+) -> Result<Vec<check::CheckRow>, ExitCode> {
+    const POLL: std::time::Duration = std::time::Duration::from_secs(2);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut said: std::collections::HashMap<String, String> = Default::default();
+    loop {
+        let rows = match check::check(client, namespace).await {
+            Ok(rows) => Some(rows),
+            // The API server may be briefly unavailable during a release: say so, go on.
+            Err(error) => {
+                eprintln!("waiting: cannot list Deployments and DatabaseMigrations: {error}");
+                None
+            }
+        };
+        let listed = rows.is_some();
+        let rows = rows.unwrap_or_default();
+        if let Some(row) = rows.iter().find(|r| r.failed.is_some()) {
+            let why = row.failed.clone().unwrap_or_default();
+            eprintln!(
+                "failed: {}/{} needs revision {} of DatabaseMigration {}, and the migration needs a person: {why}",
+                row.namespace,
+                row.deployment,
+                row.required.clone().unwrap_or_default(),
+                row.migration
+            );
+            return Err(ExitCode::FAILURE);
+        }
+        let waiting: Vec<&check::CheckRow> =
+            rows.iter().filter(|r| r.pending || !r.rolled_out).collect();
+        if listed && waiting.is_empty() {
+            eprintln!("ready: every revision is applied and every Deployment has rolled out");
+            return Ok(rows);
+        }
+        for row in &waiting {
+            let state = if row.pending {
+                format!("held: {}", row.message)
+            } else {
+                "revision applied; rolling out".to_string()
+            };
+            let key = format!("{}/{}", row.namespace, row.deployment);
+            if said.get(&key) != Some(&state) {
+                eprintln!("waiting: {key}: {state}");
+                said.insert(key, state);
+            }
+        }
+        if tokio::time::Instant::now() + POLL > deadline {
+            let names: Vec<String> = waiting
+                .iter()
+                .map(|r| format!("{}/{}", r.namespace, r.deployment))
+                .collect();
+            eprintln!(
+                "timed out after {}s; still waiting for: {}",
+                timeout.as_secs(),
+                if names.is_empty() {
+                    "the API server".to_string()
+                } else {
+                    names.join(", ")
+                }
+            );
+            return Err(ExitCode::from(2));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 async fn check_command(args: CheckArgs) -> ExitCode {
     let client = match client().await {
         Ok(client) => client,
@@ -338,12 +420,19 @@ async fn check_command(args: CheckArgs) -> ExitCode {
                 .unwrap_or_else(|| client.default_namespace().to_string()),
         )
     };
-    let rows = match check::check(&client, namespace.as_deref()).await {
-        Ok(rows) => rows,
-        Err(error) => {
-            return fail(format!(
-                "cannot list Deployments and DatabaseMigrations: {error}"
-            ));
+    let rows = if args.wait {
+        match wait_for_rollouts(&client, namespace.as_deref(), args.timeout).await {
+            Ok(rows) => rows,
+            Err(code) => return code,
+        }
+    } else {
+        match check::check(&client, namespace.as_deref()).await {
+            Ok(rows) => rows,
+            Err(error) => {
+                return fail(format!(
+                    "cannot list Deployments and DatabaseMigrations: {error}"
+                ));
+            }
         }
     };
     match args.output {

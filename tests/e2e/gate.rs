@@ -435,3 +435,76 @@ spec:
         "{refused}"
     );
 }
+
+/// `schemagate check --wait` as a pipeline step after `kubectl apply` (or `helm upgrade`):
+/// success once v2's revision is applied and v2 has rolled out; a failed migration ends it
+/// at once with the migrator's error; a hold that never ends ends it at the timeout.
+#[tokio::test]
+async fn check_wait_follows_the_release_fails_fast_and_times_out() {
+    let ns = namespace("check-wait").await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: true }).await;
+    v1_serving(&ns).await;
+    let check_wait = |timeout: &'static str| {
+        let kubeconfig = ns.cluster().kubeconfig_path().to_path_buf();
+        let name = ns.name().to_string();
+        async move {
+            tokio::process::Command::new(schemagate_bin())
+                .args(["check", "-n", &name, "--wait", "--timeout", timeout])
+                .env("KUBECONFIG", kubeconfig)
+                .output()
+                .await
+                .expect("running schemagate check --wait")
+        }
+    };
+
+    // A broken migration: exit 1 at once, with the migrator's own error.
+    apply_manifest(&ns, "examples/incident/manifests/app-v2.yaml").await;
+    apply_manifest(&ns, "examples/incident/manifests/migration-broken.yaml").await;
+    let started = std::time::Instant::now();
+    let failed = check_wait("110s").await;
+    let stderr = String::from_utf8_lossy(&failed.stderr).to_string();
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("failed:") && stderr.contains("integr"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(100),
+        "failed fast"
+    );
+    assert!(!stderr.contains("pw-gate-1234"), "no password: {stderr}");
+
+    // A hold nothing will end (the migration suspended): the timeout, exit 2.
+    let mut suspended =
+        std::fs::read_to_string(repo_root().join("examples/incident/manifests/migration.yaml"))
+            .unwrap();
+    suspended.push_str("  suspend: true\n");
+    apply_yaml(&ns, &suspended).await;
+    wait_for(
+        &ns.api::<DatabaseMigration>(),
+        "app-db",
+        TIMEOUT,
+        "Suspended",
+        |m| has_condition(m, "Ready", "False", "Suspended"),
+    )
+    .await;
+    let timed_out = check_wait("3s").await;
+    let stderr = String::from_utf8_lossy(&timed_out.stderr).to_string();
+    assert_eq!(timed_out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("waiting:") && stderr.contains("timed out") && stderr.contains(DEPLOYMENT),
+        "{stderr}"
+    );
+
+    // The fixed migration: it waits through the migration and the rollout, then exit 0.
+    apply_manifest(&ns, "examples/incident/manifests/migration.yaml").await;
+    let done = check_wait("110s").await;
+    let stderr = String::from_utf8_lossy(&done.stderr).to_string();
+    assert_eq!(done.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("ready:"), "{stderr}");
+    let deployment: Deployment = ns.api().get(DEPLOYMENT).await.unwrap();
+    assert!(
+        schemagate::gate::check::rolled_out(&deployment),
+        "rolled out when it said so"
+    );
+}

@@ -19,6 +19,35 @@ pub struct CheckRow {
     pub applied: Option<String>,
     pub pending: bool,
     pub message: String,
+    /// The Deployment's current template has rolled out: every replica updated and
+    /// available, nothing paused.
+    pub rolled_out: bool,
+    /// Held, and its migration needs a person (failed, drifted, stalled): why, as the
+    /// DatabaseMigration says it (the migrator's output tail, secrets removed).
+    pub failed: Option<String>,
+}
+
+/// Whether a Deployment's current template has rolled out completely.
+pub fn rolled_out(deployment: &Deployment) -> bool {
+    let (Some(spec), Some(status)) = (&deployment.spec, &deployment.status) else {
+        return false;
+    };
+    let replicas = spec.replicas.unwrap_or(1);
+    spec.paused != Some(true)
+        && status.observed_generation >= deployment.metadata.generation
+        && status.updated_replicas.unwrap_or(0) == replicas
+        && status.available_replicas.unwrap_or(0) == replicas
+        && status.replicas.unwrap_or(0) == replicas
+}
+
+/// Why a held row's migration will not get there without a person, if it will not: its
+/// Stalled condition for the current spec.
+fn stalled(migration: Option<&DeserializeGuard<DatabaseMigration>>) -> Option<String> {
+    let migration = migration?.0.as_ref().ok()?;
+    let status = migration.status.as_ref()?;
+    let stalled = crate::conditions::find(&status.conditions, schemagate_crds::condition::STALLED)?;
+    (stalled.status == "True" && stalled.observed_generation == migration.metadata.generation)
+        .then(|| stalled.message.clone())
 }
 
 /// Checks the opted-in Deployments of one namespace, or of all when `None`.
@@ -83,6 +112,8 @@ fn row(
             applied,
             pending: false,
             message: "no schemagate.dev/revision annotation on the pod template: not gated".into(),
+            rolled_out: rolled_out(deployment),
+            failed: None,
         };
     };
     let (pending, message) = match gate::evaluate(migration, &requirement) {
@@ -97,6 +128,8 @@ fn row(
         applied,
         pending,
         message,
+        rolled_out: rolled_out(deployment),
+        failed: if pending { stalled(migration) } else { None },
     }
 }
 
@@ -169,6 +202,8 @@ mod tests {
             applied: Some("0001".into()),
             pending: true,
             message: "needs revision 0002".into(),
+            rolled_out: false,
+            failed: None,
         }];
         let table = render_table(&rows);
         let lines: Vec<&str> = table.lines().collect();
