@@ -22,6 +22,10 @@ pub const RETRY_ANNOTATION: &str = "schemagate.dev/retry";
 /// rollout. It lets the operator watch the Deployments it holds by label, so a hold is
 /// released even after the Deployment left the gate (its opt-in label removed).
 pub const HELD_LABEL: &str = "schemagate.dev/held";
+/// Deployment annotation: when schemagate releases its hold, it leaves the Deployment
+/// paused (a person resumes it with `kubectl rollout resume`). The way to say "keep it
+/// paused after the release" on a Deployment that schemagate already holds.
+pub const KEEP_PAUSED_ANNOTATION: &str = "schemagate.dev/keep-paused";
 
 /// A database migration that must be applied before the code that needs it rolls out.
 ///

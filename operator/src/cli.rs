@@ -37,6 +37,9 @@ pub enum Command {
     /// List opted-in Deployments and whether their required revisions are applied; exits 1
     /// if any is pending (for CI pipelines, before or after a deploy).
     Check(CheckArgs),
+    /// Roll a Deployment back to its previous template, as `kubectl rollout undo` would;
+    /// works on a Deployment schemagate holds, which kubectl refuses to roll back.
+    Undo(UndoArgs),
     /// Print the version.
     Version,
 }
@@ -147,6 +150,19 @@ fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
         .ok_or_else(|| format!("{text:?} is not a duration such as 90s, 10m or 1h"))
 }
 
+#[derive(Args, Debug)]
+pub struct UndoArgs {
+    /// The Deployment.
+    pub deployment: String,
+    /// Its namespace (the kubeconfig's namespace by default).
+    #[arg(short, long)]
+    pub namespace: Option<String>,
+    /// The ReplicaSet revision to roll back to (`kubectl rollout history`); the previous
+    /// template by default.
+    #[arg(long)]
+    pub to_revision: Option<u64>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Table,
@@ -171,6 +187,25 @@ pub async fn main() -> ExitCode {
         Command::Run(args) => run(args).await,
         Command::Probe(args) => probe_command(args).await,
         Command::Check(args) => check_command(args).await,
+        Command::Undo(args) => undo_command(args).await,
+    }
+}
+
+async fn undo_command(args: UndoArgs) -> ExitCode {
+    let client = match client().await {
+        Ok(client) => client,
+        Err(message) => return fail(message),
+    };
+    let namespace = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    match crate::gate::undo::undo(&client, &namespace, &args.deployment, args.to_revision).await {
+        Ok(message) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => fail(message),
     }
 }
 

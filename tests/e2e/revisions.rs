@@ -575,3 +575,104 @@ async fn kubectl_rollout_resume_on_a_held_deployment_says_why_it_stays_paused() 
     let still: Deployment = ns.api().get("web").await.unwrap();
     assert!(paused(&still) && held_for(&still) == Some("0002"));
 }
+
+/// A Rails database at version 1, adopted by `app-db` (re-read every second).
+async fn rails_at_version_one(ns: &TestNamespace, url: &str) {
+    sql(
+        url,
+        &[
+            "CREATE TABLE schema_migrations (version varchar NOT NULL PRIMARY KEY)",
+            "INSERT INTO schema_migrations VALUES ('1')",
+        ],
+    )
+    .await;
+    let spec = migration(
+        "{ tool: rails }",
+        APP_V2,
+        r#"["false"]"#,
+        "1",
+        "  driftCheckInterval: 1s\n",
+    );
+    apply_migration(ns, &spec).await;
+    await_ready(ns).await;
+}
+
+/// The on-call engineer's rollback of a held Deployment: kubectl refuses a paused one,
+/// `schemagate undo` writes the serving template back and the gate releases it.
+#[tokio::test]
+async fn schemagate_undo_rolls_a_held_deployment_back_to_the_serving_version() {
+    let (ns, url, _operator) = setup("undo-held").await;
+    rails_at_version_one(&ns, &url).await;
+    apply_yaml(&ns, &worker("web", "1")).await;
+    await_released(&ns, "web").await;
+    apply_yaml(&ns, &worker("web", "2")).await;
+    await_held(&ns, "web", "2").await;
+
+    let kubectl = ns
+        .cluster()
+        .kubectl(["-n", ns.name(), "rollout", "undo", "deployment/web"])
+        .await;
+    assert!(
+        !kubectl.status.success(),
+        "kubectl refuses a paused Deployment: {}",
+        String::from_utf8_lossy(&kubectl.stderr)
+    );
+    let undo = tokio::process::Command::new(schemagate_bin())
+        .args(["undo", "web", "-n", ns.name()])
+        .env("KUBECONFIG", ns.cluster().kubeconfig_path())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        undo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&undo.stderr)
+    );
+    assert!(String::from_utf8_lossy(&undo.stdout).contains("rolled back"));
+    await_released(&ns, "web").await;
+    let web: Deployment = ns.api().get("web").await.unwrap();
+    let template = web.spec.unwrap().template.metadata.unwrap();
+    assert_eq!(
+        template
+            .annotations
+            .unwrap()
+            .get("schemagate.dev/revision")
+            .map(String::as_str),
+        Some("1")
+    );
+}
+
+/// `schemagate.dev/keep-paused=true` on a held Deployment: the release removes the hold but
+/// leaves it paused for a person to resume.
+#[tokio::test]
+async fn a_held_deployment_can_be_kept_paused_after_its_release() {
+    let (ns, url, _operator) = setup("keep-paused").await;
+    rails_at_version_one(&ns, &url).await;
+    apply_yaml(&ns, &worker("web", "2")).await;
+    await_held(&ns, "web", "2").await;
+    let keep =
+        serde_json::json!({"metadata": {"annotations": {"schemagate.dev/keep-paused": "true"}}});
+    ns.api::<Deployment>()
+        .patch("web", &PatchParams::default(), &Patch::Merge(&keep))
+        .await
+        .unwrap();
+    sql(&url, &["INSERT INTO schema_migrations VALUES ('2')"]).await;
+    let released = wait_for(
+        &ns.api::<Deployment>(),
+        "web",
+        TIMEOUT,
+        "hold released, still paused",
+        |d| held_for(d).is_none() && !d.labels().contains_key(HELD_LABEL),
+    )
+    .await;
+    assert!(paused(&released), "kept paused as asked");
+    let event = await_event(&ns, "web", "Normal", "RolloutReleased").await;
+    assert!(event.note.unwrap_or_default().contains("keep-paused"));
+    // From now on it is the person's pause: schemagate leaves it alone.
+    let resume = ns
+        .cluster()
+        .kubectl(["-n", ns.name(), "rollout", "resume", "deployment/web"])
+        .await;
+    assert!(resume.status.success());
+    await_released(&ns, "web").await;
+}

@@ -4,6 +4,7 @@
 
 pub mod backstop;
 pub mod check;
+pub mod undo;
 pub mod webhook;
 pub mod workload;
 
@@ -14,7 +15,8 @@ use crate::revision::{self, Answer, Applied, Graph, Scheme};
 use kube::ResourceExt;
 use kube::core::DeserializeGuard;
 use schemagate_crds::{
-    DatabaseMigration, HELD_FOR_ANNOTATION, HELD_LABEL, MIGRATION_LABEL, REVISION_ANNOTATION,
+    DatabaseMigration, HELD_FOR_ANNOTATION, HELD_LABEL, KEEP_PAUSED_ANNOTATION, MIGRATION_LABEL,
+    REVISION_ANNOTATION,
 };
 
 /// What a Deployment asks of the database.
@@ -284,14 +286,25 @@ pub fn notes<W: Workload>(
                     "its pod template no longer carries annotation {REVISION_ANNOTATION}, so there is no revision to wait for"
                 ),
             };
-            both(
-                "RolloutReleased",
-                "Release",
-                format!("rollout resumed by schemagate: {why}"),
-            )
+            let message = if keeps_paused(deployment) {
+                format!(
+                    "hold released by schemagate: {why}; it stays paused as annotation {KEEP_PAUSED_ANNOTATION} asks: resume it with kubectl rollout resume"
+                )
+            } else {
+                format!("rollout resumed by schemagate: {why}")
+            };
+            both("RolloutReleased", "Release", message)
         }
         _ => Vec::new(),
     }
+}
+
+/// Whether a person asked that the workload stay paused after schemagate's release.
+pub fn keeps_paused<W: Workload>(workload: &W) -> bool {
+    workload
+        .annotations()
+        .get(KEEP_PAUSED_ANNOTATION)
+        .is_some_and(|v| v == "true")
 }
 
 /// The JSON merge patch of a change, guarded by the Deployment's resourceVersion so that a
@@ -306,6 +319,13 @@ pub fn merge_patch<W: Workload>(deployment: &W, change: &GateChange) -> Option<s
                 "labels": { HELD_LABEL: "true" },
             },
             "spec": W::merge_spec(true),
+        })),
+        GateChange::Release if keeps_paused(deployment) => Some(serde_json::json!({
+            "metadata": {
+                "resourceVersion": resource_version,
+                "annotations": { HELD_FOR_ANNOTATION: null },
+                "labels": { HELD_LABEL: null },
+            },
         })),
         GateChange::Release => Some(serde_json::json!({
             "metadata": {
@@ -351,7 +371,9 @@ pub fn json_patch<W: Workload>(deployment: &W, change: &GateChange) -> Vec<serde
             if has_held_label {
                 operations.push(serde_json::json!({"op": "remove", "path": held_label}));
             }
-            operations.push(W::json_operation(false));
+            if !keeps_paused(deployment) {
+                operations.push(W::json_operation(false));
+            }
             operations
         }
         GateChange::None => Vec::new(),
