@@ -20,7 +20,7 @@ note() { printf '         %s\n' "$*"; }
 "$root/examples/incident/demo-down.sh" >/dev/null 2>&1 || true
 say "Starting the local control plane (kube-apiserver, controller-manager, etcd), test node and PostgreSQL"
 rm -f "$demo/ready"
-nohup "$bin/schemagate-cluster" up --dir "$demo" </dev/null >"$demo/cluster.log" 2>&1 &
+nohup "$bin/schemagate-cluster" up --dir "$demo" --databases postgres </dev/null >"$demo/cluster.log" 2>&1 &
 echo $! > "$demo/pid"
 until [ -f "$demo/ready" ]; do
   kill -0 "$(cat "$demo/pid")" 2>/dev/null || { tail -40 "$demo/cluster.log"; exit 1; }

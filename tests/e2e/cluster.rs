@@ -489,7 +489,7 @@ async fn a_control_plane_that_cannot_start_names_the_component_and_shows_its_log
         .expect("making it executable");
     let mut options = ClusterOptions::new(dir.join("cluster"));
     options.k8s_bin = Some(bogus);
-    options.databases = false;
+    options.databases = schemagate_testenv::cluster::Databases::NONE;
     let error: StartError = Cluster::start(options)
         .await
         .err()
@@ -514,7 +514,7 @@ async fn an_api_server_port_already_taken_fails_the_start_with_the_api_server_lo
     let port = free_port().expect("a free port");
     let _taken = std::net::TcpListener::bind(("127.0.0.1", port)).expect("taking the port");
     let mut options = ClusterOptions::new(&dir);
-    options.databases = false;
+    options.databases = schemagate_testenv::cluster::Databases::NONE;
     options.apiserver_port = Some(port);
     let error: StartError = Cluster::start(options)
         .await

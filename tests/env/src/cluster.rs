@@ -60,6 +60,24 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub use crate::logs::{LOG_TAIL_LINES, free_port, log_tail};
 
+/// Which database servers a cluster starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Databases {
+    pub postgres: bool,
+    pub mariadb: bool,
+}
+
+impl Databases {
+    pub const ALL: Databases = Databases {
+        postgres: true,
+        mariadb: true,
+    };
+    pub const NONE: Databases = Databases {
+        postgres: false,
+        mariadb: false,
+    };
+}
+
 /// How to start a [`Cluster`].
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -68,8 +86,8 @@ pub struct ClusterOptions {
     /// The multi-call control-plane binary; `None` builds (or reuses) it with
     /// `tests/controlplane/build.sh`.
     pub k8s_bin: Option<PathBuf>,
-    /// Start PostgreSQL and MariaDB too.
-    pub databases: bool,
+    /// Which database servers to start beside the control plane.
+    pub databases: Databases,
     /// Fixed API server port instead of a free one (tests use it to provoke a failure).
     pub apiserver_port: Option<u16>,
     /// How long each control-plane component may take to become ready.
@@ -81,7 +99,7 @@ impl ClusterOptions {
         Self {
             dir: dir.into(),
             k8s_bin: None,
-            databases: true,
+            databases: Databases::ALL,
             apiserver_port: None,
             component_timeout: Duration::from_secs(90),
         }
@@ -535,9 +553,9 @@ pub(crate) async fn signal(target: &str, signal: &str) {
 
 async fn start_databases(
     dir: PathBuf,
-    enabled: bool,
+    wanted: Databases,
 ) -> Result<(Option<DatabaseServer>, Option<DatabaseServer>), StartError> {
-    if !enabled {
+    if wanted == Databases::NONE {
         return Ok((None, None));
     }
     let started = Instant::now();
@@ -554,14 +572,28 @@ async fn start_databases(
             None,
         )
     })?;
-    let (postgres, mariadb) = tokio::join!(
-        DatabaseServer::start_postgres(&postgres_dir),
+    let postgres = async {
+        if !wanted.postgres {
+            return Ok(None);
+        }
+        DatabaseServer::start_postgres(&postgres_dir)
+            .await
+            .map(Some)
+            .map_err(|e| StartError::new("postgresql", format!("{e:#}"), None))
+    };
+    let mariadb = async {
+        if !wanted.mariadb {
+            return Ok(None);
+        }
         DatabaseServer::start_mariadb(&mariadb_dir)
-    );
-    let postgres = postgres.map_err(|e| StartError::new("postgresql", format!("{e:#}"), None))?;
-    let mariadb = mariadb.map_err(|e| StartError::new("mariadb", format!("{e:#}"), None))?;
+            .await
+            .map(Some)
+            .map_err(|e| StartError::new("mariadb", format!("{e:#}"), None))
+    };
+    let (postgres, mariadb) = tokio::join!(postgres, mariadb);
+    let (postgres, mariadb) = (postgres?, mariadb?);
     tracing::info!(elapsed = ?started.elapsed(), "databases ready");
-    Ok((Some(postgres), Some(mariadb)))
+    Ok((postgres, mariadb))
 }
 
 /// Runs `tests/controlplane/build.sh` (a no-op when the binary is cached) and returns the

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use schemagate_testenv::cluster::{Cluster, ClusterOptions, build_control_plane};
+use schemagate_testenv::cluster::{Cluster, ClusterOptions, Databases, build_control_plane};
 use std::io::Read as _;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -34,8 +34,11 @@ enum Commands {
         #[arg(long)]
         exit_on_stdin_eof: bool,
         /// Do not start PostgreSQL and MariaDB.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "databases")]
         no_databases: bool,
+        /// The database servers to start: postgres, mariadb, or both (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "postgres,mariadb", value_parser = ["postgres", "mariadb"])]
+        databases: Vec<String>,
         /// On exit, remove the etcd, node and database data (logs stay).
         #[arg(long)]
         clean_up: bool,
@@ -56,9 +59,18 @@ async fn main() -> ExitCode {
         dir,
         exit_on_stdin_eof,
         no_databases,
+        databases,
         clean_up,
     } = Cli::parse().command;
-    match up(&dir, exit_on_stdin_eof, !no_databases, clean_up).await {
+    let databases = if no_databases {
+        Databases::NONE
+    } else {
+        Databases {
+            postgres: databases.iter().any(|d| d == "postgres"),
+            mariadb: databases.iter().any(|d| d == "mariadb"),
+        }
+    };
+    match up(&dir, exit_on_stdin_eof, databases, clean_up).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("schemagate-cluster: {e:#}");
@@ -70,7 +82,7 @@ async fn main() -> ExitCode {
 async fn up(
     dir: &Path,
     exit_on_stdin_eof: bool,
-    databases: bool,
+    databases: Databases,
     clean_up: bool,
 ) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
