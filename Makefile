@@ -34,7 +34,8 @@ controlplane:
 
 ## helm: install (or find in the cache) the Helm the chart's end-to-end test uses.
 helm:
-	tests/helm/build.sh >/dev/null
+	tests/helm/build.sh 3 >/dev/null
+	tests/helm/build.sh 4 >/dev/null
 
 ## crds: regenerate the CRD YAML from the Rust types (a test fails when they drift).
 crds:

@@ -10,6 +10,7 @@
 mod chart;
 mod cluster;
 mod gate;
+mod helm;
 mod operator;
 mod probe;
 mod revisions;

@@ -278,9 +278,15 @@ impl Drop for Operator {
     }
 }
 
-/// `tests/helm/build.sh`: Helm from the Go module proxy, cached.
+/// `tests/helm/build.sh`: Helm 3 from the Go module proxy, cached.
 pub async fn helm_bin() -> String {
+    helm_bin_of(3).await
+}
+
+/// Helm of that major version (3 or 4), built from the Go module proxy and cached.
+pub async fn helm_bin_of(major: u8) -> String {
     let output = tokio::process::Command::new(repo_root().join("tests/helm/build.sh"))
+        .arg(major.to_string())
         .output()
         .await
         .expect("running tests/helm/build.sh");
