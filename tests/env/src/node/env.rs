@@ -203,34 +203,36 @@ pub async fn resolve(
     let mut env = Env::from(base);
     for from in container.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
-        if let Some(reference) = &from.secret_ref {
-            let name = reference.name.as_str();
-            match sources.secret(name).await? {
+        let secret = match &from.secret_ref {
+            Some(reference) => Some((
+                "secret",
+                reference.name.as_str(),
+                reference.optional,
+                sources.secret(&reference.name).await?.cloned(),
+            )),
+            None => None,
+        };
+        let config_map = match &from.config_map_ref {
+            Some(reference) => Some((
+                "configmap",
+                reference.name.as_str(),
+                reference.optional,
+                sources.config_map(&reference.name).await?.cloned(),
+            )),
+            None => None,
+        };
+        for (kind, name, optional, data) in secret.into_iter().chain(config_map) {
+            match data {
                 Some(data) => {
                     for (key, value) in data {
                         env.set(
                             format!("{prefix}{key}"),
-                            String::from_utf8_lossy(value).into_owned(),
+                            String::from_utf8_lossy(&value).into_owned(),
                         );
                     }
                 }
-                None if reference.optional == Some(true) => {}
-                None => return Err(ConfigError(format!("secret {name:?} not found"))),
-            }
-        }
-        if let Some(reference) = &from.config_map_ref {
-            let name = reference.name.as_str();
-            match sources.config_map(name).await? {
-                Some(data) => {
-                    for (key, value) in data {
-                        env.set(
-                            format!("{prefix}{key}"),
-                            String::from_utf8_lossy(value).into_owned(),
-                        );
-                    }
-                }
-                None if reference.optional == Some(true) => {}
-                None => return Err(ConfigError(format!("configmap {name:?} not found"))),
+                None if optional == Some(true) => {}
+                None => return Err(ConfigError(format!("{kind} {name:?} not found"))),
             }
         }
     }

@@ -383,21 +383,17 @@ impl PodRun {
     /// Writes the current status. A pod that is already gone is not an error.
     pub async fn write(&mut self) {
         let status = self.status();
-        let patch = serde_json::json!({ "status": status });
-        match self
-            .api
-            .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(e) => tracing::warn!(pod = %self.name, error = %e, "writing pod status failed"),
-        }
+        self.patch(serde_json::json!({ "status": status })).await;
     }
 
     /// Writes only a phase with a reason and message (pods the node never ran).
     pub async fn write_phase(&self, phase: &str, reason: Option<&str>, message: Option<&str>) {
-        let patch = serde_json::json!({ "status": { "phase": phase, "reason": reason, "message": message } });
+        self.patch(serde_json::json!({ "status": { "phase": phase, "reason": reason, "message": message } }))
+            .await;
+    }
+
+    /// A merge patch of the pod's status. A pod that is already gone is not an error.
+    async fn patch(&self, patch: serde_json::Value) {
         match self
             .api
             .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
