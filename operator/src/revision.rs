@@ -229,7 +229,8 @@ impl Graph {
             .collect();
         let mut cut_short = false;
         while let Some(revision) = stack.pop() {
-            if revision == required {
+            // Only a revision of the graph counts: a parent beyond a cut is no revision.
+            if revision == required && self.contains(revision) {
                 return Answer::Satisfied;
             }
             if !seen.insert(revision) {
@@ -357,7 +358,11 @@ try:
     size = len(lines[0]) + 1
     cut = False
     for i, rev in enumerate(revisions):
-        down = rev.down_revision
+        # Parents include depends_on: upgrading to a revision applies its dependencies too,
+        # and Alembic then drops them from alembic_version like ancestors.
+        down = getattr(rev, "_all_down_revisions", None)
+        if down is None:
+            down = rev.down_revision
         parents = [] if down is None else ([down] if isinstance(down, str) else list(down))
         following = revisions[i + 1].revision if i + 1 < len(revisions) else None
         if not parents:
@@ -366,11 +371,12 @@ try:
             line = rev.revision
         else:
             line = rev.revision + " " + " ".join(parents)
-        if size + len(line) + 1 + len("truncated") + 1 > 4096:
+        length = len(line.encode("utf-8"))
+        if size + length + 1 + len("truncated") + 1 > 4096:
             cut = True
             break
         lines.append(line)
-        size += len(line) + 1
+        size += length + 1
     if cut:
         lines.append("truncated")
     with open(out, "w") as f:

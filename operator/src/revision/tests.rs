@@ -382,6 +382,26 @@ fn alembic_branches_merges_and_several_heads() {
 }
 
 #[test]
+fn a_revision_beyond_the_cut_is_never_a_match() {
+    // The last line before the cut has its parent beyond the report.
+    let graph = Graph::parse_report(&format!("{GRAPH_REPORT_HEADER}\nb\na\ntruncated\n")).unwrap();
+    let heads = strings(&["b"]);
+    for required in ["?", "", "truncated"] {
+        assert!(
+            !matches!(
+                answer(Scheme::Graph, complete(&heads), Some(&graph), required),
+                Answer::Satisfied
+            ),
+            "{required:?} released"
+        );
+    }
+    assert_eq!(
+        answer(Scheme::Graph, complete(&heads), Some(&graph), "a"),
+        Answer::Satisfied
+    );
+}
+
+#[test]
 fn report_parsing_rejects_what_is_not_a_report() {
     assert!(Graph::parse_report("").is_err());
     assert!(Graph::parse_report("Traceback (most recent call last):").is_err());
