@@ -285,6 +285,10 @@ pub struct DatabaseMigrationStatus {
     /// from this, and for Alembic from `revisionGraph` (docs/probe.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub applied_revisions: Vec<String>,
+    /// A fingerprint of the `spec.database` the applied revisions were read with. When the
+    /// spec names another database or tracking setting, they are not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_database: Option<String>,
     /// True when the database reported more applied revisions than `appliedRevisions`
     /// keeps. A Deployment needing a revision not listed is then held until the operator
     /// reads the database again itself; it is never released on a guess.
@@ -373,6 +377,9 @@ pub struct RevisionGraphStatus {
     /// secrets removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A newer revision-graph Job that failed, when the graph shown is an earlier good one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_job: Option<String>,
 }
 
 /// One revision of a revision graph.
@@ -406,6 +413,9 @@ pub struct HistoryEntry {
     /// What asked for the attempt: `spec` (generation N) or `retry` (the annotation's value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_by: Option<String>,
+    /// The fingerprint of the `spec.database` the attempt applied the revision to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
 }
 
 /// How an attempt ended.

@@ -68,9 +68,32 @@ pub enum Answer {
     /// Not known from what is at hand; `why` says what is missing and what to do.
     CannotTell {
         why: String,
-        /// Whether reading the database again (rather than a status) may decide it.
-        fresh_read_helps: bool,
+        kind: Undecided,
     },
+}
+
+/// What keeps the predicate from an answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Undecided {
+    /// The status keeps only part of a long applied set: a fresh read decides.
+    Truncated,
+    /// No revision graph of the migrator image is known (yet).
+    NoGraph,
+    /// A database head the graph does not contain (applied by hand, or by a newer image).
+    UnknownHead,
+    /// The required revision is not in the graph.
+    UnknownRevision,
+    /// The graph was cut short above the required revision.
+    CutShort,
+    /// Not an integer, where golang-migrate's versions are.
+    NotOrdered,
+}
+
+impl Undecided {
+    /// Whether reading the database again (rather than a status) may decide it.
+    pub fn fresh_read_helps(self) -> bool {
+        self == Undecided::Truncated
+    }
 }
 
 /// Whether `required` is applied, given what the database reported and, for Alembic, the
@@ -91,7 +114,7 @@ pub fn answer(
                 "revision {required} is not among the newest {} applied revisions the status keeps",
                 applied.revisions.len()
             ),
-            fresh_read_helps: true,
+            kind: Undecided::Truncated,
         },
         Scheme::Ordered => ordered(applied.revisions, required),
         Scheme::Graph if applied.revisions.is_empty() => Answer::NotSatisfied,
@@ -102,7 +125,7 @@ pub fn answer(
                     "the database reports head {}, and the revision graph of the migrator image is not read yet, so whether {required} is an ancestor is not known",
                     applied.revisions.join(",")
                 ),
-                fresh_read_helps: false,
+                kind: Undecided::NoGraph,
             },
         },
     }
@@ -119,7 +142,7 @@ fn ordered(current: &[String], required: &str) -> Answer {
             why: format!(
                 "golang-migrate versions are integers, but the database reports {current:?} and the Deployment needs {required:?}; fix the schemagate.dev/revision annotation"
             ),
-            fresh_read_helps: false,
+            kind: Undecided::NotOrdered,
         },
     }
 }
@@ -248,7 +271,7 @@ impl Graph {
                     "the database reports head {}, which the revision graph of the migrator image does not contain (applied by hand, or by a newer image?), so whether {required} is an ancestor is not known; run the migration from an image that ships it (update spec.migrator.image, or set annotation schemagate.dev/retry)",
                     unknown_heads.join(",")
                 ),
-                fresh_read_helps: false,
+                kind: Undecided::UnknownHead,
             };
         }
         if !listed {
@@ -264,7 +287,7 @@ impl Graph {
                 why: format!(
                     "revision {required} is not in the revision graph of the migrator image{cut}; check the Deployment's schemagate.dev/revision annotation, or point spec.migrator.image at an image whose migrations contain {required}"
                 ),
-                fresh_read_helps: false,
+                kind: Undecided::UnknownRevision,
             };
         }
         if cut_short {
@@ -272,7 +295,7 @@ impl Graph {
                 why: format!(
                     "the revision graph of the migrator image was cut short (its report holds at most {MAX_GRAPH_REPORT} bytes), and {required} is not found above the cut"
                 ),
-                fresh_read_helps: false,
+                kind: Undecided::CutShort,
             };
         }
         Answer::NotSatisfied

@@ -94,9 +94,8 @@ async fn observe_gate<W: Workload>(ctx: &Context, deployment: &W) -> Result<Gate
             Ok(applied) => {
                 verdict = gate::evaluate_with(migration.as_ref(), &requirement, Some(&applied));
             }
-            Err(error) => {
-                warn!(error = %error.chain(), "cannot read the database to decide a hold");
-            }
+            // Held meanwhile; the reconcile is retried with backoff until a read decides.
+            Err(error) => return Err(error),
         }
     }
     Ok(GateObserved {

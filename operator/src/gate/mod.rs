@@ -100,6 +100,18 @@ pub fn evaluate_with(
     };
     let status = migration.status.clone().unwrap_or_default();
     let scheme = Scheme::of(&migration.spec.database.tracking);
+    // Revisions read from another database, or with other tracking settings, say nothing
+    // about this one: only a fresh read of the database the spec names decides.
+    let current_database = crate::migration::job::database_fingerprint(migration);
+    if fresh.is_none() && status.observed_database.as_deref() != Some(current_database.as_str()) {
+        return Verdict::Held {
+            reason: "RevisionUndetermined",
+            message: format!(
+                "needs revision {revision} of DatabaseMigration {name}, whose database has not been read with its current spec.database yet"
+            ),
+            fresh_read_helps: true,
+        };
+    }
     let applied = match fresh {
         Some(fresh) => Applied {
             revisions: &fresh.revisions,
@@ -114,10 +126,7 @@ pub fn evaluate_with(
     let undetermined = match revision::answer(scheme, applied, graph.as_ref(), revision) {
         Answer::Satisfied => return Verdict::Satisfied,
         Answer::NotSatisfied => None,
-        Answer::CannotTell {
-            why,
-            fresh_read_helps,
-        } => Some((why, fresh_read_helps)),
+        Answer::CannotTell { why, kind } => Some((why, kind.fresh_read_helps())),
     };
     let reported = match &status.applied_revision {
         Some(head) => format!("the database reports revision {head}"),
@@ -417,7 +426,9 @@ spec:
   revision: "0002"
 "#,
         );
+        let database = crate::migration::job::database_fingerprint(&migration);
         let status = migration.status.get_or_insert_with(Default::default);
+        status.observed_database = Some(database);
         status.applied_revision = applied.map(str::to_string);
         status.applied_revisions = applied_revisions.iter().map(|r| r.to_string()).collect();
         DeserializeGuard(Ok(migration))
@@ -490,6 +501,29 @@ spec:
             });
         }
         assert_eq!(evaluate(Some(&migration), &v1), Verdict::Satisfied);
+    }
+
+    #[test]
+    fn a_status_read_from_another_database_decides_nothing() {
+        let mut migration = migration_with(Some("0002"), &["0002"]);
+        if let Ok(m) = &mut migration.0 {
+            m.spec.database.url_secret_ref.name = "another-db".into();
+        }
+        let requirement = requirement(&deployment(APP_V2)).unwrap();
+        match evaluate(Some(&migration), &requirement) {
+            Verdict::Held {
+                fresh_read_helps, ..
+            } => assert!(fresh_read_helps),
+            Verdict::Satisfied => panic!("released from another database's revisions"),
+        }
+        let fresh = AppliedRevisions {
+            revisions: vec!["0002".into()],
+            head_only: true,
+        };
+        assert_eq!(
+            evaluate_with(Some(&migration), &requirement, Some(&fresh)),
+            Verdict::Satisfied
+        );
     }
 
     #[test]

@@ -82,6 +82,13 @@ pub fn job_name(migration: &DatabaseMigration) -> String {
     format!("{prefix}-{}", &attempt_key(migration)[..10])
 }
 
+/// A fingerprint of `spec.database` (engine, Secret reference, tracking): revisions read
+/// under another fingerprint say nothing about the database the spec names now.
+pub fn database_fingerprint(migration: &DatabaseMigration) -> String {
+    let database = serde_json::to_string(&migration.spec.database).unwrap_or_default();
+    format!("{:016x}", fnv1a(&[&database]))
+}
+
 /// Label value identifying the database of this migration within its namespace.
 pub fn database_key(migration: &DatabaseMigration) -> String {
     let secret = &migration.spec.database.url_secret_ref;

@@ -168,7 +168,7 @@ async fn observe_graph_job(
         .status
         .as_ref()
         .and_then(|s| s.revision_graph.as_ref())
-        .is_some_and(|graph| graph.job == name);
+        .is_some_and(|graph| graph.job == name || graph.failed_job.as_deref() == Some(&name));
     if known {
         return Ok(GraphJob::NotNeeded);
     }

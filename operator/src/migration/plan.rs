@@ -6,7 +6,7 @@ use crate::duration::parse_duration;
 use crate::error::Error;
 use crate::migration::job;
 use crate::migration::observe::{GraphJob, JobState, Observed, ObservedJob};
-use crate::revision::{self, Answer, Applied, Graph, Scheme};
+use crate::revision::{self, Answer, Applied, Graph, Scheme, Undecided};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -111,6 +111,7 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
         required,
     );
     let (kept, truncated) = revision::for_status(&applied.revisions);
+    draft.status.observed_database = Some(job::database_fingerprint(migration));
     draft.status.applied_revisions = kept;
     draft.status.applied_revisions_truncated = truncated;
     draft.status.applied_revision = revision::display(scheme, &applied.revisions, required);
@@ -140,9 +141,15 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
         Answer::CannotTell { why, .. } if applied_before(migration, &previous) => {
             return draft.undetermined(&why, drift_interval);
         }
-        // Never applied here and not decidable: the migrator decides, and the database
-        // is read again after it.
-        Answer::CannotTell { .. } => {}
+        // No graph to be had (its Job failed): the migrator decides, and the database is
+        // read again after it.
+        Answer::CannotTell {
+            kind: Undecided::NoGraph,
+            ..
+        } => {}
+        // The image cannot bring the database to the revision as far as anyone can tell
+        // (the revision is not in its graph, the database is ahead of it): no Job.
+        Answer::CannotTell { why, .. } => return draft.undetermined(&why, drift_interval),
     }
     let job_name = job::job_name(migration);
     match observed.job {
@@ -192,6 +199,14 @@ pub fn validate(migration: &DatabaseMigration) -> Result<(), String> {
         }
         _ => {}
     }
+    if spec.database.tracking.tool == Some(schemagate_crds::TrackingTool::GolangMigrate)
+        && !spec.revision.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(format!(
+            "spec.revision {:?} is not a golang-migrate version: they are integers, such as 20251228120000",
+            spec.revision
+        ));
+    }
     if let Some(interval) = &spec.drift_check_interval
         && parse_duration(interval).is_none_or(|d| d.is_zero())
     {
@@ -218,13 +233,17 @@ pub fn validate(migration: &DatabaseMigration) -> Result<(), String> {
 /// during an outage is still reported as drifted, and not migrated again by itself.
 fn applied_before(migration: &DatabaseMigration, previous: &DatabaseMigrationStatus) -> bool {
     let token = job::retry_token(migration);
+    let database = job::database_fingerprint(migration);
     let recorded = previous.history.iter().any(|h| {
         h.revision == migration.spec.revision
             && h.result != AttemptResult::Failed
             && retry_of(h) == token.as_deref()
+            && h.database.as_ref().is_none_or(|d| *d == database)
     });
     let ready = is_true(&previous.conditions, READY)
-        && previous.observed_generation == migration.metadata.generation;
+        && previous.observed_generation == migration.metadata.generation
+        && previous.observed_retry == token
+        && previous.observed_database.as_ref() == Some(&database);
     recorded || ready
 }
 
@@ -334,6 +353,7 @@ impl Draft<'_> {
                 .or(Some(Time(self.now))),
             result,
             requested_by: Some(job::requested_by(self.migration)),
+            database: Some(job::database_fingerprint(self.migration)),
         }
     }
 
@@ -348,40 +368,57 @@ impl Draft<'_> {
                 self.create_graph_job = Some(job::build_graph_job(self.migration));
                 true
             }
-            GraphJob::Reported { name, report } => {
-                self.status.revision_graph = Some(match Graph::parse_report(report) {
-                    Ok(graph) => RevisionGraphStatus {
+            GraphJob::Reported { name, report } => match Graph::parse_report(report) {
+                Ok(graph) => {
+                    self.status.revision_graph = Some(RevisionGraphStatus {
                         job: name.clone(),
                         image,
                         revisions: graph.nodes(),
                         truncated: graph.truncated,
-                        error: None,
-                    },
-                    Err(problem) => RevisionGraphStatus {
-                        job: name.clone(),
-                        image,
-                        error: Some(problem),
                         ..Default::default()
-                    },
-                });
+                    });
+                    false
+                }
+                Err(problem) => {
+                    self.graph_failed(
+                        name,
+                        format!("Job {name} reported no revision graph: {problem}"),
+                    );
+                    false
+                }
+            },
+            GraphJob::Failed { name, message } => {
+                self.graph_failed(name, message.clone());
                 false
             }
-            GraphJob::Failed { name, message } => {
-                let message = format!(
-                    "{message}; set spec.migrator.revisionGraphCommand if the image has no python3 that can import alembic, then set annotation schemagate.dev/retry"
-                );
-                self.notes.push(Note {
-                    type_: EventType::Warning,
-                    reason: reason::REVISION_GRAPH_FAILED,
-                    message: message.clone(),
-                });
+        }
+    }
+
+    /// A revision-graph Job that gave no graph: a Warning Event that says what to do, and
+    /// the last good graph kept (ancestry does not change between images), or the error.
+    fn graph_failed(&mut self, job: &str, message: String) {
+        let message = format!(
+            "{message}; set spec.migrator.revisionGraphCommand if the image has no python3 that can import alembic, then set annotation schemagate.dev/retry"
+        );
+        self.notes.push(Note {
+            type_: EventType::Warning,
+            reason: reason::REVISION_GRAPH_FAILED,
+            message: message.clone(),
+        });
+        let good = self
+            .status
+            .revision_graph
+            .as_ref()
+            .is_some_and(|g| g.error.is_none() && !g.revisions.is_empty());
+        match self.status.revision_graph.as_mut() {
+            Some(graph) if good => graph.failed_job = Some(job.to_string()),
+            _ => {
                 self.status.revision_graph = Some(RevisionGraphStatus {
-                    job: name.clone(),
-                    image,
+                    job: job.to_string(),
+                    image: self.migration.spec.migrator.image.clone(),
                     error: Some(message),
                     ..Default::default()
-                });
-                false
+                })
             }
         }
     }
@@ -421,6 +458,15 @@ impl Draft<'_> {
     fn database_unreadable(mut self, job: Option<&ObservedJob>, error: Error) -> Plan {
         let reason = error.reason();
         let message = error.chain();
+        if self.status.observed_database.as_deref()
+            != Some(job::database_fingerprint(self.migration).as_str())
+        {
+            // Read from another database or with other tracking: none of it holds now.
+            self.status.applied_revisions.clear();
+            self.status.applied_revisions_truncated = false;
+            self.status.applied_revision = None;
+            self.status.observed_database = None;
+        }
         // The last revisions read stay in status: a passing outage does not hold rollouts
         // that were already satisfied, and nothing is released on a guess.
         self.status.phase = Some(match job.map(|j| &j.state) {
@@ -1220,5 +1266,82 @@ mod tests {
         );
         assert_eq!(condition(&unreadable, FAILED).status, "False");
         assert_eq!(unreadable.status.phase, Some(Phase::Pending));
+    }
+
+    #[test]
+    fn revisions_of_another_database_are_not_used_for_the_new_one() {
+        let mut migration = migration_from_yaml(MIGRATION);
+        with_graph(&mut migration);
+        let ready = plan(&migration, observed(Ok(heads(&["0002"])), None), now());
+        migration.status = Some(ready.status);
+        // Pointed at another database whose Secret is missing: nothing of the old one stays.
+        migration.spec.database.url_secret_ref.name = "other-db-url".into();
+        let missing = Error::SecretNotFound {
+            namespace: "prod".into(),
+            name: "other-db-url".into(),
+            key: "url".into(),
+        };
+        let unreadable = plan(&migration, observed(Err(missing), None), now());
+        assert!(unreadable.status.applied_revisions.is_empty());
+        assert_eq!(unreadable.status.applied_revision, None);
+        assert_eq!(unreadable.status.observed_database, None);
+        // Once readable, the new database lacks the revision: a migration, not drift.
+        migration.status = Some(unreadable.status);
+        let new_database = plan(&migration, observed(Ok(heads(&["0001"])), None), now());
+        assert!(
+            !crate::conditions::is_true(&new_database.status.conditions, DRIFTED),
+            "another database is no drift"
+        );
+        assert!(new_database.create_job.is_some());
+    }
+
+    #[test]
+    fn a_failed_graph_job_keeps_the_last_good_graph() {
+        let mut migration = migration_from_yaml(MIGRATION);
+        with_graph(&mut migration);
+        migration.spec.migrator.image = "registry.example/app:no-python".into();
+        let mut seen = observed(Ok(heads(&["0002"])), None);
+        seen.graph_job = GraphJob::Reported {
+            name: job::graph_job_name(&migration),
+            report: "Traceback (most recent call last): ...".into(),
+        };
+        let plan = plan(&migration, seen, now());
+        let graph = plan.status.revision_graph.as_ref().unwrap();
+        assert_eq!(graph.error, None);
+        assert_eq!(graph.revisions.len(), 3, "the good graph stays");
+        assert_eq!(
+            graph.failed_job.as_deref(),
+            Some(job::graph_job_name(&migration).as_str())
+        );
+        assert_eq!(plan.notes[0].reason, reason::REVISION_GRAPH_FAILED);
+    }
+
+    #[test]
+    fn a_revision_the_image_does_not_ship_starts_no_job() {
+        let mut migration = migration_from_yaml(MIGRATION);
+        with_graph(&mut migration);
+        migration.spec.revision = "0009".into();
+        let plan = plan(&migration, observed(Ok(heads(&["0001"])), None), now());
+        assert!(plan.create_job.is_none());
+        assert_eq!(
+            condition(&plan, READY).reason,
+            reason::REVISION_UNDETERMINED
+        );
+        assert!(
+            condition(&plan, READY)
+                .message
+                .contains("not in the revision graph")
+        );
+        assert_eq!(condition(&plan, STALLED).status, "True");
+    }
+
+    #[test]
+    fn golang_migrate_revisions_must_be_integers() {
+        let mut migration = migration_from_yaml(MIGRATION);
+        migration.spec.database.tracking.tool = Some(schemagate_crds::TrackingTool::GolangMigrate);
+        migration.spec.revision = "v3".into();
+        let plan = plan(&migration, observed(Ok(heads(&["2"])), None), now());
+        assert!(plan.create_job.is_none());
+        assert_eq!(condition(&plan, READY).reason, reason::INVALID_SPEC);
     }
 }
