@@ -3,7 +3,7 @@ CARGO ?= cargo
 CRD_FILE := crds/generated/databasemigrations.schemagate.dev.yaml
 CHART_CRD_FILE := charts/schemagate/crds/databasemigrations.schemagate.dev.yaml
 
-.PHONY: all build test lint unit e2e bench demo demo-down crds controlplane helm prerequisites
+.PHONY: all build test lint unit e2e bench demo demo-down crds controlplane helm prerequisites image image-check
 
 all: build
 
@@ -15,6 +15,7 @@ build:
 test: prerequisites lint controlplane helm
 	$(CARGO) build -q -p schemagate -p schemagate-testenv --bins
 	$(CARGO) test --workspace --all-targets --no-fail-fast -- --include-ignored
+	operator/image/check.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -54,6 +55,14 @@ demo-down:
 bench: controlplane
 	$(CARGO) build -q -p schemagate -p schemagate-testenv --bins
 	$(CARGO) run -q -p schemagate-e2e --bin schemagate-bench
+
+## image: the operator's OCI image, built offline with buildah into target/image (docs/install.md).
+image:
+	operator/image/build.sh
+
+## image-check: builds the image twice (same digest), unpacks it, runs it (part of make test).
+image-check:
+	operator/image/check.sh
 
 ## prerequisites: Debian packages and Python tools the tests and the demo need.
 prerequisites:

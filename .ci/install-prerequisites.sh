@@ -12,6 +12,10 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # Lua 5.1, the language of Argo CD's health checks, for the health check's tests.
 command -v lua5.1 >/dev/null 2>&1 || need+=(lua5.1)
+# The operator image: buildah builds it offline, umoci unpacks it for its checks.
+command -v buildah >/dev/null 2>&1 || need+=(buildah)
+command -v umoci >/dev/null 2>&1 || need+=(umoci)
+[ -f /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 if [ ${#need[@]} -gt 0 ]; then
   echo "prerequisites: installing ${need[*]}"
   apt-get update -qq
