@@ -80,3 +80,26 @@ fn crd_documents_every_field_and_prints_columns() {
         "fields without a description: {missing:?}"
     );
 }
+
+/// `TrackingTool::ALL` is the one list of tools the operator, its CLI and its messages use:
+/// it must hold every tool the CRD accepts, spelled as the CRD spells it.
+#[test]
+fn the_list_of_tools_is_every_tool_the_crd_accepts() {
+    let crd = serde_json::to_value(schemagate_crds::crd()).unwrap();
+    let accepted: Vec<String> =
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            ["database"]["properties"]["tracking"]["properties"]["tool"]["enum"]
+            .as_array()
+            .expect("the tool enum in the CRD")
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+    let listed: Vec<String> = schemagate_crds::TrackingTool::ALL
+        .iter()
+        .map(|t| t.name().to_string())
+        .collect();
+    assert_eq!(listed, accepted);
+    for tool in schemagate_crds::TrackingTool::ALL {
+        assert_eq!(serde_json::to_value(tool).unwrap(), tool.name());
+    }
+}

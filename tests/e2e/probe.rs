@@ -800,18 +800,7 @@ async fn alembic_several_heads(engine: Engine) -> Result<()> {
 
 async fn missing_tables_mean_nothing_applied(engine: Engine) -> Result<()> {
     let url = database(engine, "empty").await?;
-    for tracking_tool in [
-        TrackingTool::Alembic,
-        TrackingTool::Flyway,
-        TrackingTool::GolangMigrate,
-        TrackingTool::Sqlx,
-        TrackingTool::Rails,
-        TrackingTool::Django,
-        TrackingTool::Liquibase,
-        TrackingTool::Prisma,
-        TrackingTool::Atlas,
-        TrackingTool::Schemagate,
-    ] {
+    for tracking_tool in TrackingTool::ALL {
         let applied = probe::probe_revisions(engine, &url, &tool(tracking_tool))
             .await
             .with_context(|| format!("{tracking_tool:?}"))?;

@@ -440,19 +440,7 @@ fn rows_fold_into_applied_revisions() {
 
 #[test]
 fn every_tool_has_a_query_and_a_default_table() {
-    let all = [
-        TrackingTool::Alembic,
-        TrackingTool::Flyway,
-        TrackingTool::GolangMigrate,
-        TrackingTool::Sqlx,
-        TrackingTool::Rails,
-        TrackingTool::Django,
-        TrackingTool::Liquibase,
-        TrackingTool::Prisma,
-        TrackingTool::Atlas,
-        TrackingTool::Schemagate,
-    ];
-    for tool in all {
+    for tool in TrackingTool::ALL {
         for (engine, dialect) in [
             (Engine::Postgres, tools::Dialect::Postgres),
             (Engine::Mysql, tools::Dialect::Mysql),
