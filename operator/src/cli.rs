@@ -192,14 +192,10 @@ pub async fn main() -> ExitCode {
 }
 
 async fn undo_command(args: UndoArgs) -> ExitCode {
-    let client = match client().await {
-        Ok(client) => client,
+    let (client, namespace) = match client_in(&args.namespace).await {
+        Ok(found) => found,
         Err(message) => return fail(message),
     };
-    let namespace = args
-        .namespace
-        .clone()
-        .unwrap_or_else(|| client.default_namespace().to_string());
     match crate::gate::undo::undo(&client, &namespace, &args.deployment, args.to_revision).await {
         Ok(message) => {
             println!("{message}");
@@ -218,6 +214,15 @@ async fn client() -> Result<Client, String> {
     Client::try_default()
         .await
         .map_err(|e| format!("cannot reach Kubernetes (KUBECONFIG or in-cluster config): {e}"))
+}
+
+/// A client and the namespace a command works in: `-n`, else the kubeconfig's.
+async fn client_in(namespace: &Option<String>) -> Result<(Client, String), String> {
+    let client = client().await?;
+    let namespace = namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    Ok((client, namespace))
 }
 
 async fn run(args: RunArgs) -> ExitCode {
@@ -278,14 +283,10 @@ async fn shutdown_signal() {
 async fn probe_command(args: ProbeArgs) -> ExitCode {
     let (engine, tracking, url, revision, graph) = match &args.migration {
         Some(name) => {
-            let client = match client().await {
-                Ok(client) => client,
+            let (client, namespace) = match client_in(&args.namespace).await {
+                Ok(found) => found,
                 Err(message) => return fail(message),
             };
-            let namespace = args
-                .namespace
-                .clone()
-                .unwrap_or_else(|| client.default_namespace().to_string());
             let api: Api<DatabaseMigration> = Api::namespaced(client.clone(), &namespace);
             let migration = match api.get(name).await {
                 Ok(migration) => migration,

@@ -219,8 +219,8 @@ pub async fn probe_revisions(
         return Err(ProbeError::InvalidUrl {
             problem: format!(
                 "its scheme is for {} but spec.database.engine is {}; make them agree",
-                engine_name(target.engine()),
-                engine_name(engine)
+                target.engine().name(),
+                engine.name()
             ),
         });
     }
@@ -245,14 +245,10 @@ pub async fn probe_revisions(
     result.map_err(|error| scrub_error(error, url))
 }
 
-fn engine_name(engine: Engine) -> &'static str {
-    engine.name()
-}
-
 fn describe_source(source: &RevisionSource) -> String {
     match source {
         RevisionSource::Tool { tool, table } => {
-            let tool = tools::tool_name(*tool);
+            let tool = tool.name();
             match table {
                 Some(tools::TableName {
                     schema: Some(schema),

@@ -10,22 +10,7 @@ use std::time::Duration;
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(90);
 
 fn migration_yaml(image: &str, command: &str, revision: &str) -> String {
-    format!(
-        r#"
-apiVersion: schemagate.dev/v1alpha1
-kind: DatabaseMigration
-metadata: {{ name: app-db }}
-spec:
-  database:
-    engine: postgres
-    urlSecretRef: {{ name: app-db-url, key: url }}
-    tracking: {{ tool: alembic }}
-  migrator:
-    image: {image}
-    command: {command}
-  revision: "{revision}"
-"#
-    )
+    app_db_yaml("{ tool: alembic }", image, command, revision, "")
 }
 
 /// A fresh namespace with a database of its own (its URL in Secret `app-db-url`) and an

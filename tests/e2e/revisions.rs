@@ -87,22 +87,7 @@ impl Drop for HexProject {
 
 /// A DatabaseMigration named `app-db` on the namespace's database.
 fn migration(tracking: &str, image: &str, command: &str, revision: &str, extra: &str) -> String {
-    format!(
-        r#"
-apiVersion: schemagate.dev/v1alpha1
-kind: DatabaseMigration
-metadata: {{ name: app-db }}
-spec:
-  database:
-    engine: postgres
-    urlSecretRef: {{ name: app-db-url, key: url }}
-    tracking: {tracking}
-  migrator:
-    image: {image}
-    command: {command}
-  revision: "{revision}"
-{extra}"#
-    )
+    app_db_yaml(tracking, image, command, revision, extra)
 }
 
 /// A worker Deployment that needs `revision` of DatabaseMigration `app-db`. Its image is
@@ -301,14 +286,7 @@ async fn a_rails_version_merged_late_is_held_until_applied() {
         "  suspend: true\n",
     );
     apply_migration(&ns, &suspended).await;
-    wait_for(
-        &ns.api::<DatabaseMigration>(),
-        "app-db",
-        TIMEOUT,
-        "Suspended",
-        |m| has_condition(m, "Ready", "False", "Suspended"),
-    )
-    .await;
+    await_app_db_condition(&ns, "Ready", "False", "Suspended").await;
     // Code needing the late version is held although a newer version is applied.
     apply_yaml(&ns, &worker("billing", "20250214083000")).await;
     await_held(&ns, "billing", "20250214083000").await;
@@ -388,14 +366,7 @@ async fn manual_downgrade_is_drift_that_waits_for_a_person() {
     assert_eq!(jobs_before, 1);
 
     alembic(&url, &["downgrade", "0001"]).await;
-    wait_for(
-        &ns.api::<DatabaseMigration>(),
-        "app-db",
-        TIMEOUT,
-        "Drifted",
-        |m| has_condition(m, "Drifted", "True", "RevisionMissing"),
-    )
-    .await;
+    await_app_db_condition(&ns, "Drifted", "True", "RevisionMissing").await;
     apply_yaml(&ns, &worker("next-release", "0002")).await;
     await_held(&ns, "next-release", "0002").await;
 

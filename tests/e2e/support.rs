@@ -741,14 +741,7 @@ pub async fn v1_serving(ns: &TestNamespace) -> String {
     let url = create_postgres_database(ns.cluster(), "pw-gate-1234").await;
     url_secret(ns, "app-db-url", "url", &url).await;
     apply_manifest(ns, "examples/incident/manifests/migration-v1.yaml").await;
-    wait_for(
-        &ns.api::<DatabaseMigration>(),
-        "app-db",
-        TIMEOUT,
-        "Ready at 0001",
-        |m| has_condition(m, "Ready", "True", "RevisionApplied"),
-    )
-    .await;
+    await_ready(ns).await;
     apply_manifest(ns, "examples/incident/manifests/app-v1.yaml").await;
     deployment_available(&ns.api(), DEPLOYMENT, TIMEOUT).await;
     assert_eq!(alembic_version(&url).await.as_deref(), Some("0001"));
@@ -818,12 +811,49 @@ pub fn assert_safe_release(timeline: &Timeline) {
 
 /// Waits until DatabaseMigration `app-db` is Ready: the database reports its revision.
 pub async fn await_ready(namespace: &TestNamespace) -> DatabaseMigration {
+    await_app_db_condition(namespace, "Ready", "True", "RevisionApplied").await
+}
+
+/// Waits until DatabaseMigration `app-db` has condition `type_` with `status` and `reason`.
+pub async fn await_app_db_condition(
+    namespace: &TestNamespace,
+    type_: &str,
+    status: &str,
+    reason: &str,
+) -> DatabaseMigration {
     wait_for(
         &namespace.api::<DatabaseMigration>(),
         "app-db",
         TIMEOUT,
-        "Ready",
-        |m| has_condition(m, "Ready", "True", "RevisionApplied"),
+        &format!("{type_}={status} ({reason})"),
+        |m| has_condition(m, type_, status, reason),
     )
     .await
+}
+
+/// A DatabaseMigration `app-db` on the namespace's database (Secret `app-db-url`), as YAML;
+/// `extra` is appended to its spec (indented two spaces).
+pub fn app_db_yaml(
+    tracking: &str,
+    image: &str,
+    command: &str,
+    revision: &str,
+    extra: &str,
+) -> String {
+    format!(
+        r#"
+apiVersion: schemagate.dev/v1alpha1
+kind: DatabaseMigration
+metadata: {{ name: app-db }}
+spec:
+  database:
+    engine: postgres
+    urlSecretRef: {{ name: app-db-url, key: url }}
+    tracking: {tracking}
+  migrator:
+    image: {image}
+    command: {command}
+  revision: "{revision}"
+{extra}"#
+    )
 }

@@ -136,6 +136,7 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
                     migration.spec.migrator.image
                 ),
                 Next::Requeue(WAITING_RECHECK),
+                Work::UnderWay,
             );
         }
         Answer::CannotTell { why, .. } if applied_before(migration, &previous) => {
@@ -160,6 +161,8 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
                 "spec.suspend is true: no migration Job is started; the database reports {reported}"
             ),
             Next::AwaitChange,
+            // Waits for a person's choice, not for a fix: neither under way nor stalled.
+            Work::Done,
         ),
         None => match observed.other_active_job {
             Some(other) => draft.pending(
@@ -168,6 +171,7 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
                     "migration Job {other} is still running against the same database; this one starts after it"
                 ),
                 Next::Requeue(WAITING_RECHECK),
+                Work::UnderWay,
             ),
             None => draft.start_job(&reported),
         },
@@ -586,17 +590,11 @@ impl Draft<'_> {
         self.finish(None, Next::AwaitChange)
     }
 
-    fn pending(mut self, reason: &'static str, message: String, next: Next) -> Plan {
+    fn pending(mut self, reason: &'static str, message: String, next: Next, work: Work) -> Plan {
         self.status.phase = Some(Phase::Pending);
         self.set(READY, Status::False, reason, &message);
         self.set(PROGRESSING, Status::False, reason, &message);
         self.set(FAILED, Status::False, reason, &message);
-        // Suspended waits for a person's choice, not for a fix: neither under way nor stalled.
-        let work = if reason == reason::SUSPENDED {
-            Work::Done
-        } else {
-            Work::UnderWay
-        };
         self.work(work, reason, &message);
         self.note_on_transition(EventType::Normal, reason, message);
         self.finish(None, next)
@@ -916,10 +914,6 @@ mod tests {
         assert_eq!(condition(&plan, READY).reason, "WaitingForOtherMigration");
     }
 
-    fn with_graph_status(migration: &mut DatabaseMigration) {
-        with_graph(migration)
-    }
-
     /// The incident's graph, as the revision-graph Job of the image reports it.
     fn with_graph(migration: &mut DatabaseMigration) {
         let job = job::graph_job_name(migration);
@@ -1107,10 +1101,10 @@ mod tests {
         };
         assert_eq!(kstatus(generation, &new), "InProgress", "never done unseen");
 
-        let mut with_graph = migration.clone();
-        with_graph_status(&mut with_graph);
-        let ready = plan(&with_graph, observed(Ok(heads(&["0002"])), None), now());
-        let mut was_ready = with_graph.clone();
+        let mut graphed = migration.clone();
+        with_graph(&mut graphed);
+        let ready = plan(&graphed, observed(Ok(heads(&["0002"])), None), now());
+        let mut was_ready = graphed.clone();
         was_ready.status = Some(ready.status.clone());
         let mut suspended = migration.clone();
         suspended.spec.suspend = true;
@@ -1165,7 +1159,7 @@ mod tests {
             (
                 "job done, revision missing",
                 plan(
-                    &with_graph,
+                    &graphed,
                     observed(
                         Ok(heads(&["0001"])),
                         Some(job(&migration, JobState::Succeeded, None)),

@@ -93,11 +93,6 @@ impl TableName {
     }
 }
 
-/// The name users and tools know a tool by, as in `tracking.tool`.
-pub(crate) fn tool_name(tool: TrackingTool) -> &'static str {
-    tool.name()
-}
-
 /// Tools that keep only the current head(s), not a history.
 pub(crate) fn is_head_only(tool: TrackingTool) -> bool {
     matches!(tool, TrackingTool::Alembic | TrackingTool::GolangMigrate)
@@ -211,7 +206,7 @@ pub(crate) fn collect_revisions(
         match (state.as_str(), revision) {
             (STATE_FAILED, revision) => {
                 return Err(ProbeError::Dirty {
-                    tool: tool_name(tool),
+                    tool: tool.name(),
                     revision: revision.unwrap_or_else(|| "(unnamed)".to_string()),
                     remedy: dirty_remedy(tool),
                 });
