@@ -3,16 +3,17 @@ CARGO ?= cargo
 CRD_FILE := crds/generated/databasemigrations.schemagate.dev.yaml
 CHART_CRD_FILE := charts/schemagate/crds/databasemigrations.schemagate.dev.yaml
 
-.PHONY: all build test lint unit e2e bench demo demo-down crds controlplane helm prerequisites image image-check
+.PHONY: all build test lint unit e2e gitops bench demo demo-down crds controlplane helm argocd prerequisites image image-check
 
 all: build
 
 build:
 	$(CARGO) build --workspace
 
-## test: formatting, clippy -D warnings, unit tests and the end-to-end suite against a real
-## local control plane, real PostgreSQL/MariaDB and real Alembic (started by the tests).
-test: prerequisites lint controlplane helm
+## test: formatting, clippy -D warnings, unit tests and the end-to-end suites against a real
+## local control plane, real PostgreSQL/MariaDB, real Alembic and a real Argo CD (started by
+## the tests).
+test: prerequisites lint controlplane helm argocd
 	$(CARGO) build -q -p schemagate -p schemagate-testenv --bins
 	$(CARGO) test --workspace --all-targets --no-fail-fast -- --include-ignored
 	operator/image/check.sh
@@ -29,6 +30,11 @@ e2e: controlplane helm
 	$(CARGO) build -q -p schemagate -p schemagate-testenv --bins
 	$(CARGO) test -p schemagate-e2e --test e2e -- --include-ignored
 
+## gitops: the Argo CD suite alone (docs/argocd.md).
+gitops: controlplane argocd
+	$(CARGO) build -q -p schemagate -p schemagate-testenv --bins
+	$(CARGO) test -p schemagate-e2e --test gitops -- --include-ignored
+
 ## controlplane: build (or find in the cache) the Kubernetes control-plane binary.
 controlplane:
 	tests/controlplane/build.sh >/dev/null
@@ -37,6 +43,10 @@ controlplane:
 helm:
 	tests/helm/build.sh 3 >/dev/null
 	tests/helm/build.sh 4 >/dev/null
+
+## argocd: build (or find in the cache) Argo CD's application controller and repo server.
+argocd:
+	tests/argocd/build.sh >/dev/null
 
 ## crds: regenerate the CRD YAML from the Rust types (a test fails when they drift).
 crds:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need on a fresh Debian machine: PostgreSQL and
-# MariaDB servers, util-linux (unshare for the test node), and the Python migration tools.
+# MariaDB servers, util-linux (unshare for the test node), Redis and git (Argo CD's suite),
+# and the Python migration tools.
 # Go and Rust come with the machine.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,6 +13,9 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 # Lua 5.1, the language of Argo CD's health checks, for the health check's tests.
 command -v lua5.1 >/dev/null 2>&1 || need+=(lua5.1)
+# Argo CD's end-to-end suite: Redis for Argo CD, git for its repositories and Git server.
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v git >/dev/null 2>&1 || need+=(git)
 # The operator image: buildah builds it offline, umoci unpacks it for its checks.
 command -v buildah >/dev/null 2>&1 || need+=(buildah)
 command -v umoci >/dev/null 2>&1 || need+=(umoci)

@@ -262,18 +262,10 @@ impl Drop for Operator {
             // to, is blocked in this drop.
             let cluster = self.cluster;
             // Best effort: a leftover configuration only matches its own namespace.
-            let _ = std::thread::spawn(move || {
-                if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    runtime.block_on(async move {
-                        let api: Api<MutatingWebhookConfiguration> = Api::all(cluster.client());
-                        let _ = api.delete(&name, &DeleteParams::default()).await;
-                    });
-                }
-            })
-            .join();
+            schemagate_testenv::harness::block_on_own_runtime(async move {
+                let api: Api<MutatingWebhookConfiguration> = Api::all(cluster.client());
+                let _ = api.delete(&name, &DeleteParams::default()).await;
+            });
         }
     }
 }

@@ -56,16 +56,23 @@ pub async fn update_status(
         "kind": DatabaseMigration::kind(&()),
         "status": status,
     });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::kube(format!(
-        "update status of DatabaseMigration {name}"
-    )))?;
-    Ok(())
+    match api
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        // Deleted while it was reconciled (pruned by a GitOps tool, say): nothing to report.
+        Err(kube::Error::Api(response)) if response.code == 404 => {
+            tracing::debug!(%name, "DatabaseMigration deleted before its status was written");
+            Ok(())
+        }
+        result => result.map(drop).map_err(Error::kube(format!(
+            "update status of DatabaseMigration {name}"
+        ))),
+    }
 }
 
 /// Publishes the plan's Events on the DatabaseMigration. An Event that cannot be written

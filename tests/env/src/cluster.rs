@@ -519,7 +519,7 @@ impl Cluster {
 }
 
 /// SIGTERM, a grace period, then SIGKILL.
-async fn stop_process(name: &str, child: &mut Child) {
+pub(crate) async fn stop_process(name: &str, child: &mut Child) {
     if let Ok(Some(_)) = child.try_wait() {
         return;
     }

@@ -50,6 +50,9 @@ pub struct TestCluster {
     pub postgres: String,
     /// MariaDB admin URL (`mysql://`).
     pub mariadb: String,
+    /// With Argo CD ([`cluster_with_argocd`]): the Git server's base URL
+    /// (`git://127.0.0.1:PORT/`) and the directory of its bare repositories.
+    pub argocd_git: Option<(String, PathBuf)>,
     /// Held open for the life of the process: EOF tells the supervisor to stop.
     _supervisor: Mutex<(Child, ChildStdin)>,
 }
@@ -59,7 +62,23 @@ static CLUSTER: OnceLock<Result<TestCluster, String>> = OnceLock::new();
 /// The cluster of this test binary, started on first use. Fails the test with the
 /// supervisor's log tail if it cannot start.
 pub async fn cluster() -> &'static TestCluster {
-    let result = tokio::task::spawn_blocking(|| CLUSTER.get_or_init(start_cluster))
+    cluster_of(false).await
+}
+
+/// The cluster of this test binary with Argo CD beside it (`schemagate-cluster up
+/// --argocd`). Every test of a binary that needs Argo CD calls this before anything else,
+/// so that whichever test comes first starts it.
+pub async fn cluster_with_argocd() -> &'static TestCluster {
+    let cluster = cluster_of(true).await;
+    assert!(
+        cluster.argocd_git.is_some(),
+        "this test binary's cluster was started without Argo CD: call cluster_with_argocd() first in every test of the binary"
+    );
+    cluster
+}
+
+async fn cluster_of(argocd: bool) -> &'static TestCluster {
+    let result = tokio::task::spawn_blocking(move || CLUSTER.get_or_init(|| start_cluster(argocd)))
         .await
         .expect("cluster start-up task panicked");
     match result {
@@ -89,7 +108,7 @@ fn supervisor_binary() -> Result<PathBuf, String> {
         .ok_or_else(|| format!("schemagate-cluster not found at {candidates:?}; build it with `cargo build -p schemagate-testenv --bins` or set SCHEMAGATE_CLUSTER_BIN"))
 }
 
-fn start_cluster() -> Result<TestCluster, String> {
+fn start_cluster(argocd: bool) -> Result<TestCluster, String> {
     let binary = supervisor_binary()?;
     let base = binary
         .parent()
@@ -105,6 +124,7 @@ fn start_cluster() -> Result<TestCluster, String> {
     let mut child = Command::new(&binary)
         .args(["up", "--exit-on-stdin-eof", "--clean-up", "--dir"])
         .arg(&dir)
+        .args(argocd.then_some("--argocd"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -177,6 +197,7 @@ fn start_cluster() -> Result<TestCluster, String> {
         k8s_bin: k8s_bin.unwrap_or_else(|| PathBuf::from(var("K8S_BIN"))),
         postgres: var("POSTGRES_ADMIN_URL"),
         mariadb: var("MARIADB_ADMIN_URL"),
+        argocd_git: argocd.then(|| (var("ARGOCD_GIT_URL"), PathBuf::from(var("ARGOCD_GIT_ROOT")))),
         dir,
         kubeconfig,
         config,
@@ -378,29 +399,35 @@ impl Drop for TestNamespace {
         let failed = std::thread::panicking();
         let name = self.name.clone();
         let cluster = self.cluster;
-        // Drop cannot await, and may run inside the test's runtime: do the API calls on a
-        // thread with a runtime of its own.
-        let work = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async move {
-                if failed {
-                    eprintln!("{}", dump_namespace(cluster, &name).await);
-                    eprintln!("e2e: kept namespace {name} of the failed test");
-                } else {
-                    let api: Api<Namespace> = Api::all(cluster.client());
-                    if let Err(e) = api.delete(&name, &DeleteParams::default()).await {
-                        eprintln!("e2e: deleting namespace {name}: {e}");
-                    }
+        block_on_own_runtime(async move {
+            if failed {
+                eprintln!("{}", dump_namespace(cluster, &name).await);
+                eprintln!("e2e: kept namespace {name} of the failed test");
+            } else {
+                let api: Api<Namespace> = Api::all(cluster.client());
+                if let Err(e) = api.delete(&name, &DeleteParams::default()).await {
+                    eprintln!("e2e: deleting namespace {name}: {e}");
                 }
-            });
+            }
         });
-        let _ = work.join();
     }
+}
+
+/// Runs `work` to completion on a thread with a runtime of its own, for `Drop`: it cannot
+/// await, and may run inside a test's runtime, which it would block.
+pub fn block_on_own_runtime<F>(work: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let thread = std::thread::spawn(move || {
+        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            runtime.block_on(work);
+        }
+    });
+    let _ = thread.join();
 }
 
 /// Pods (phase, conditions, container states, output tails) and events of a namespace.

@@ -2,6 +2,7 @@
 //! supervisor ([`cluster`]), the test node that stands in for a kubelet ([`node`]), the
 //! database servers ([`db`]) and the e2e harness ([`harness`]). See docs/testing.md.
 
+pub mod argocd;
 pub mod cluster;
 pub mod db;
 pub mod harness;

@@ -1,7 +1,7 @@
 //! `schemagate-cluster up --dir DIR`: runs the local control plane, the test node and the
 //! databases until SIGINT/SIGTERM (or stdin EOF with `--exit-on-stdin-eof`).
 //!
-//! Stdout protocol: `control-plane-binary PATH` once the binary is built, then `ready`.
+//! Stdout protocol: `control-plane-binary PATH` once the binaries are built, then `ready`.
 //! Everything else goes to stderr.
 
 use std::path::{Path, PathBuf};
@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
+use schemagate_testenv::argocd::{ArgoCd, build_argocd};
 use schemagate_testenv::cluster::{Cluster, ClusterOptions, Databases, build_control_plane};
 use std::io::Read as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -42,6 +43,10 @@ enum Commands {
         /// On exit, remove the etcd, node and database data (logs stay).
         #[arg(long)]
         clean_up: bool,
+        /// Also run Argo CD (application controller, repo server, Redis) and a Git server
+        /// for bare repositories under DIR/git; see docs/testing.md.
+        #[arg(long)]
+        argocd: bool,
     },
 }
 
@@ -61,6 +66,7 @@ async fn main() -> ExitCode {
         no_databases,
         databases,
         clean_up,
+        argocd,
     } = Cli::parse().command;
     let databases = if no_databases {
         Databases::NONE
@@ -70,7 +76,7 @@ async fn main() -> ExitCode {
             mariadb: databases.iter().any(|d| d == "mariadb"),
         }
     };
-    match up(&dir, exit_on_stdin_eof, databases, clean_up).await {
+    match up(&dir, exit_on_stdin_eof, databases, clean_up, argocd).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("schemagate-cluster: {e:#}");
@@ -84,10 +90,15 @@ async fn up(
     exit_on_stdin_eof: bool,
     databases: Databases,
     clean_up: bool,
+    with_argocd: bool,
 ) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let k8s_bin = build_control_plane().await?;
+    if with_argocd {
+        // Built before the line below: after it, the caller allows only a start-up time.
+        build_argocd().await?;
+    }
     println!("control-plane-binary {}", k8s_bin.display());
 
     let started = Instant::now();
@@ -96,6 +107,26 @@ async fn up(
     options.databases = databases;
     let mut cluster = Cluster::start(options).await?;
     let env = cluster.write_env()?;
+    let mut argocd = None;
+    if with_argocd {
+        let client = schemagate_testenv::cluster::admin_client(cluster.kubeconfig_path()).await?;
+        match ArgoCd::start(dir, cluster.kubeconfig_path(), cluster.k8s_bin(), client).await {
+            Ok(started) => {
+                let mut text = std::fs::read_to_string(&env)?;
+                text.push_str(&format!(
+                    "export ARGOCD_GIT_ROOT='{}'\nexport ARGOCD_GIT_URL='{}'\n",
+                    started.git_root().display(),
+                    started.repo_url("")
+                ));
+                std::fs::write(&env, text)?;
+                argocd = Some(started);
+            }
+            Err(error) => {
+                cluster.stop().await;
+                return Err(error.context("starting Argo CD"));
+            }
+        }
+    }
     eprintln!(
         "schemagate-cluster: ready in {:.1}s: KUBECONFIG={} (environment in {})",
         started.elapsed().as_secs_f64(),
@@ -125,7 +156,18 @@ async fn up(
         (component, status) = cluster.component_exited() => {
             Err(anyhow::anyhow!("{component} exited unexpectedly ({status:?}); stopping the cluster"))
         }
+        (component, status) = async {
+            match argocd.as_mut() {
+                Some(argocd) => argocd.exited().await,
+                None => futures::future::pending().await,
+            }
+        } => {
+            Err(anyhow::anyhow!("{component} exited unexpectedly ({status:?}); stopping the cluster"))
+        }
     };
+    if let Some(argocd) = argocd.as_mut() {
+        argocd.stop().await;
+    }
     cluster.stop().await;
     if clean_up {
         for sub in ["etcd", "node", "db"] {
