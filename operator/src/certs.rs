@@ -131,15 +131,14 @@ pub fn generate(names: &CertNames, now: Timestamp) -> Result<(ServingCert, Times
 }
 
 /// Reads the certificate from the Secret, or makes a new one when it is missing, made for
-/// other names or close to expiry; writes it back and patches the CA bundle into the
-/// webhook configuration. The previous CA stays in the bundle so that the API server trusts
-/// both the old and the new certificate while the change spreads.
+/// other names or close to expiry, and writes it back. The previous CA stays in the bundle
+/// so that the API server trusts both the old and the new certificate while the change
+/// spreads; [`keep_ca_bundle`] puts the bundle into the webhook configuration.
 pub async fn ensure(
     client: &Client,
     namespace: &str,
     secret_name: &str,
     names: &CertNames,
-    webhook_config: Option<&str>,
     now: Timestamp,
 ) -> Result<ServingCert, CertError> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
@@ -210,15 +209,11 @@ pub async fn ensure(
                                 action: format!("get Secret {secret_name}"),
                                 source,
                             })?;
-                    let cert = usable(&stored, names, now).ok_or_else(|| {
+                    return usable(&stored, names, now).ok_or_else(|| {
                         CertError::Read(format!(
                             "Secret {secret_name} was changed meanwhile and holds no usable certificate"
                         ))
-                    })?;
-                    if let Some(config) = webhook_config {
-                        patch_ca_bundle(client, config, &cert.ca_bundle_pem).await?;
-                    }
-                    return Ok(cert);
+                    });
                 }
                 Err(source) => {
                     return Err(CertError::Kube {
@@ -231,9 +226,6 @@ pub async fn ensure(
             cert
         }
     };
-    if let Some(config) = webhook_config {
-        patch_ca_bundle(client, config, &cert.ca_bundle_pem).await?;
-    }
     Ok(cert)
 }
 
@@ -310,6 +302,86 @@ pub fn read_dir(dir: &std::path::Path) -> Result<ServingCert, CertError> {
         key_pem: read("tls.key")?,
         ca_bundle_pem: read("ca.crt").unwrap_or_default(),
     })
+}
+
+/// Keeps the CA bundle of the webhook configuration `config` equal to `bundle`, for as long
+/// as `stop` does not complete: a watch on the configuration repairs a wiped or wrong
+/// bundle within moments of the change, a new bundle (a rotated certificate) is written at
+/// once, and a missing configuration is reported (metric `webhook_configuration_ready` 0,
+/// a warning) and patched as soon as it appears. The operator's controllers do not wait for
+/// any of it: they gate Deployments on their own while the webhook cannot.
+pub async fn keep_ca_bundle(
+    client: Client,
+    config: String,
+    mut bundle: tokio::sync::watch::Receiver<String>,
+    ready: prometheus_client::metrics::gauge::Gauge,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use futures::StreamExt as _;
+    use kube::runtime::WatchStreamExt as _;
+    use kube::runtime::watcher;
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let events = watcher(
+        api,
+        watcher::Config::default().fields(&format!("metadata.name={config}")),
+    )
+    .default_backoff();
+    tokio::pin!(events);
+    tokio::pin!(stop);
+    let mut seen = false;
+    loop {
+        let check = tokio::select! {
+            () = &mut stop => return,
+            changed = bundle.changed() => changed.is_ok(),
+            event = events.next() => match event {
+                Some(Ok(watcher::Event::Apply(_) | watcher::Event::InitApply(_))) => {
+                    seen = true;
+                    true
+                }
+                Some(Ok(watcher::Event::Delete(_))) => {
+                    seen = false;
+                    true
+                }
+                Some(Ok(watcher::Event::Init)) => {
+                    seen = false;
+                    false
+                }
+                Some(Ok(watcher::Event::InitDone)) => true,
+                Some(Err(error)) => {
+                    tracing::warn!(%error, config, "cannot watch the webhook configuration; retrying");
+                    false
+                }
+                None => return,
+            },
+        };
+        if !check {
+            continue;
+        }
+        if !seen {
+            ready.set(0);
+            tracing::warn!(
+                config,
+                "MutatingWebhookConfiguration {config} does not exist: the admission webhook is off and the controllers alone hold Deployments (a rollout may start before they pause it); reinstall the chart to restore it"
+            );
+            continue;
+        }
+        let pem = bundle.borrow().clone();
+        match patch_ca_bundle(&client, &config, &pem).await {
+            Ok(()) => {
+                if ready.get() != 1 {
+                    tracing::info!(
+                        config,
+                        "webhook configuration trusts the serving certificate"
+                    );
+                }
+                ready.set(1);
+            }
+            Err(error) => {
+                ready.set(0);
+                tracing::warn!(%error, config, "cannot set the webhook configuration's CA bundle; retrying on its next change");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

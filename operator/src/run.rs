@@ -139,12 +139,29 @@ pub async fn run(
         let tls: webhook::TlsConfig = Arc::new(RwLock::new(
             webhook::tls_config(&cert).map_err(RunError::Tls)?,
         ));
+        let (bundle_tx, bundle_rx) = tokio::sync::watch::channel(cert.ca_bundle_pem.clone());
+        match &settings.config_name {
+            Some(name) => {
+                tokio::spawn(certs::keep_ca_bundle(
+                    client.clone(),
+                    name.clone(),
+                    bundle_rx,
+                    ctx.metrics.webhook_configured.clone(),
+                    stopped(),
+                ));
+            }
+            // cert-manager's CA injector keeps the bundle.
+            None => {
+                ctx.metrics.webhook_configured.set(1);
+            }
+        }
         // Managed: renew before expiry. Directory: cert-manager renews the files; re-read them.
         tokio::spawn(rotate_certificate(
             client.clone(),
             settings.clone(),
             tls.clone(),
             cert,
+            bundle_tx,
             stopped(),
         ));
         let router = webhook::router(ctx.clone());
@@ -225,7 +242,6 @@ async fn load_certificate(
                 namespace,
                 secret,
                 names,
-                settings.config_name.as_deref(),
                 k8s_openapi::jiff::Timestamp::now(),
             )
             .await?
@@ -239,6 +255,7 @@ async fn rotate_certificate(
     settings: WebhookSettings,
     tls: webhook::TlsConfig,
     mut current: certs::ServingCert,
+    bundle: tokio::sync::watch::Sender<String>,
     stop: Shutdown,
 ) {
     tokio::pin!(stop);
@@ -257,6 +274,7 @@ async fn rotate_certificate(
                     if let Ok(mut slot) = tls.write() {
                         *slot = config;
                     }
+                    let _ = bundle.send(cert.ca_bundle_pem.clone());
                     current = cert;
                     info!("webhook certificate rotated");
                 }

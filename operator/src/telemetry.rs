@@ -4,6 +4,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::time::Instant;
@@ -34,6 +35,9 @@ pub struct Metrics {
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
     pub gate_changes: Family<GateLabels, Counter>,
     pub admission_duration: Histogram,
+    /// 1 while the MutatingWebhookConfiguration exists and trusts the serving certificate;
+    /// 0 while it is missing or cannot be repaired (the backstop alone gates then).
+    pub webhook_configured: Gauge,
 }
 
 impl Default for Metrics {
@@ -68,8 +72,15 @@ impl Default for Metrics {
             "Time the webhook took to decide on a Deployment",
             admission_duration.clone(),
         );
+        let webhook_configured = Gauge::default();
+        registry.register(
+            "webhook_configuration_ready",
+            "1 while the webhook configuration exists and trusts the operator's certificate, else 0",
+            webhook_configured.clone(),
+        );
         Metrics {
             registry,
+            webhook_configured,
             reconciles,
             failures,
             reconcile_duration,

@@ -12,6 +12,7 @@ mod cluster;
 mod gate;
 mod helm;
 mod operator;
+mod outage;
 mod probe;
 mod revisions;
 mod support;

@@ -106,6 +106,10 @@ impl Write for LogWriter {
 
 /// An operator running in the test's runtime, watching only the test's namespace.
 pub struct Operator {
+    /// Where /metrics, /healthz and /readyz are served.
+    pub metrics_addr: std::net::SocketAddr,
+    /// The webhook's port on loopback, when it serves one.
+    pub webhook_port: Option<u16>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     webhook_config: Option<String>,
@@ -119,6 +123,20 @@ pub struct OperatorOptions {
 
 impl Operator {
     pub async fn start(namespace: &TestNamespace, options: OperatorOptions) -> Operator {
+        Self::start_with(namespace, options, true).await
+    }
+
+    /// An operator serving its webhook while its MutatingWebhookConfiguration does not
+    /// exist ([`install_webhook_config`] adds it later).
+    pub async fn start_without_webhook_configuration(namespace: &TestNamespace) -> Operator {
+        Self::start_with(namespace, OperatorOptions { webhook: true }, false).await
+    }
+
+    async fn start_with(
+        namespace: &TestNamespace,
+        options: OperatorOptions,
+        install_config: bool,
+    ) -> Operator {
         operator_log();
         let cluster = namespace.cluster();
         prepare(cluster).await;
@@ -126,10 +144,14 @@ impl Operator {
         let ns = namespace.name().to_string();
         let mut webhook = None;
         let mut webhook_config = None;
+        let mut webhook_port = None;
         if options.webhook {
             let port = schemagate_testenv::cluster::free_port().expect("a free port");
+            webhook_port = Some(port);
             let name = chart_fullname(&ns);
-            install_webhook_config(&cluster.client(), &ns, port).await;
+            if install_config {
+                install_webhook_config(&cluster.client(), &ns, port).await;
+            }
             webhook = Some(WebhookSettings {
                 addr: format!("127.0.0.1:{port}").parse().expect("address"),
                 certificate: CertificateSource::Managed {
@@ -145,12 +167,18 @@ impl Operator {
             });
             webhook_config = Some(name);
         }
+        let metrics_addr: std::net::SocketAddr = format!(
+            "127.0.0.1:{}",
+            schemagate_testenv::cluster::free_port().expect("a free port")
+        )
+        .parse()
+        .expect("address");
         let config = RunConfig {
             controller: ControllerConfig {
                 namespace: Some(ns),
                 concurrency: 4,
             },
-            metrics_addr: None,
+            metrics_addr: Some(metrics_addr),
             webhook,
         };
         let (stop, stopped) = oneshot::channel::<()>();
@@ -164,22 +192,43 @@ impl Operator {
             }
         });
         let operator = Operator {
+            metrics_addr,
+            webhook_port,
             stop: Some(stop),
             task: Some(task),
             webhook_config,
             client,
             cluster,
         };
-        if let Some(name) = &operator.webhook_config {
-            operator.await_ca_bundle(name).await;
+        if install_config {
+            if let Some(name) = &operator.webhook_config {
+                operator.await_ca_bundle(name).await;
+            }
+            operator.await_ready(namespace).await;
         }
-        operator.await_ready(namespace).await;
         operator
+    }
+
+    /// The value of one metric (no labels) from the operator's /metrics, if it is there.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
+            .await
+            .ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: operator\r\n\r\n")
+            .await
+            .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     /// Waits until the operator has patched its CA bundle into the configuration and the
     /// webhook answers.
-    async fn await_ca_bundle(&self, name: &str) {
+    pub async fn await_ca_bundle(&self, name: &str) {
         let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
         tokio::time::timeout(
             Duration::from_secs(30),
@@ -386,7 +435,7 @@ async fn operator_client(namespace: &TestNamespace) -> kube::Client {
 
 /// The chart's webhook configuration, reaching the in-process operator by URL on loopback
 /// instead of through the chart's Service (the chart test covers that path).
-async fn install_webhook_config(client: &kube::Client, namespace: &str, port: u16) {
+pub async fn install_webhook_config(client: &kube::Client, namespace: &str, port: u16) {
     let mut config = rendered_chart(namespace)
         .await
         .into_iter()
