@@ -490,6 +490,12 @@ pub mod reason {
     pub const SUCCEEDED: &str = "Succeeded";
     /// The migration Job failed.
     pub const MIGRATION_FAILED: &str = "MigrationFailed";
+    /// The migration Job was deleted before it finished: a failed attempt, never re-run
+    /// on its own.
+    pub const JOB_DELETED: &str = "JobDeleted";
+    /// The API server refused to create the migration Job (an admission policy, a quota,
+    /// an invalid field).
+    pub const JOB_REJECTED: &str = "JobRejected";
     /// The migration Job completed, but the database does not report the revision.
     pub const REVISION_NOT_APPLIED: &str = "RevisionNotApplied";
     /// Ready: the database moved below a revision it reported before.

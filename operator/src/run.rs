@@ -171,7 +171,9 @@ pub async fn run(
             .map_err(|source| RunError::Listen { addr, source })?;
         let stop = stopped();
         tokio::spawn(async move {
-            if let Err(error) = webhook::serve(listener, tls, router, stop).await {
+            if let Err(error) =
+                webhook::serve(listener, tls, router, webhook::CONNECTION_LIMITS, stop).await
+            {
                 warn!(%error, "webhook server stopped");
             }
         });

@@ -530,3 +530,72 @@ async fn drift_is_noticed_and_rollouts_are_held_again() {
         Some("0002")
     );
 }
+
+/// A migration Job deleted while it runs is a failed attempt that waits for a person: the
+/// migration may have stopped midway, so it is never re-run under the same name on its
+/// own. A retry runs it again.
+#[tokio::test]
+async fn a_running_job_deleted_is_a_failed_attempt_that_waits_for_a_retry() {
+    use sqlx::Connection as _;
+    let ns = namespace("job-deleted").await;
+    let _operator = Operator::start(&ns, OperatorOptions { webhook: true }).await;
+    let url = v1_serving(&ns).await;
+    // Migration 0002 blocks on this lock while the test deletes its Job.
+    let mut lock = sqlx::PgConnection::connect(&url).await.expect("connecting");
+    let mut lock_tx = lock.begin().await.expect("BEGIN");
+    sqlx::query("LOCK TABLE documents IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock_tx)
+        .await
+        .expect("locking documents");
+    apply_manifest(&ns, "examples/incident/manifests/migration.yaml").await;
+    let running = wait_for(
+        &ns.api::<DatabaseMigration>(),
+        "app-db",
+        MIGRATION_TIMEOUT,
+        "its Job running",
+        |m| {
+            m.status
+                .as_ref()
+                .is_some_and(|s| s.phase == Some(Phase::Running))
+        },
+    )
+    .await;
+    let job_name = running.status.unwrap().job.unwrap().name;
+    let job_api: Api<Job> = ns.api();
+    schemagate_testenv::harness::job_pods(&ns.api(), &job_name).await;
+    job_api
+        .delete(&job_name, &kube::api::DeleteParams::background())
+        .await
+        .expect("deleting the running Job");
+
+    let failed = await_app_db_condition(&ns, "Failed", "True", "JobDeleted").await;
+    let message = &condition(&failed, "Failed").unwrap().message;
+    assert!(message.contains(&job_name), "{message}");
+    assert!(message.contains("schemagate.dev/retry"), "{message}");
+    await_event(&ns, "app-db", "Warning", "JobDeleted").await;
+    // The reconcile that wrote this status created no Job first (Jobs are created before
+    // the status is written): the attempt is not re-run on its own.
+    let names: Vec<String> = jobs(&job_api)
+        .await
+        .into_iter()
+        .filter(|j| j.metadata.deletion_timestamp.is_none())
+        .filter_map(|j| j.metadata.name)
+        .collect();
+    assert!(!names.contains(&job_name), "not re-created: {names:?}");
+    lock_tx.rollback().await.expect("releasing the lock");
+    assert_eq!(alembic_version(&url).await.as_deref(), Some("0001"));
+
+    // A retry runs the migration again, under a new name.
+    ns.api::<DatabaseMigration>()
+        .patch(
+            "app-db",
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"metadata": {"annotations": {"schemagate.dev/retry": "after-delete"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    await_ready(&ns).await;
+    assert_eq!(alembic_version(&url).await.as_deref(), Some("0002"));
+}

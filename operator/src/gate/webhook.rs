@@ -171,11 +171,27 @@ fn hold_warning(requirement: &gate::Requirement, resumed: bool) -> String {
     text.chars().take(256).collect()
 }
 
+/// How long a client may take to complete the TLS handshake, and then to send the headers
+/// of each request (an idle keep-alive connection included): a peer that opens connections
+/// and sends nothing cannot hold the webhook's sockets and tasks.
+pub const CONNECTION_LIMITS: ConnectionLimits = ConnectionLimits {
+    handshake: Duration::from_secs(10),
+    headers: Duration::from_secs(30),
+};
+
+/// Timeouts of one webhook connection, see [`CONNECTION_LIMITS`].
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    pub handshake: Duration,
+    pub headers: Duration,
+}
+
 /// Serves the webhook over TLS until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     tls: TlsConfig,
     router: Router,
+    limits: ConnectionLimits,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "webhook listening");
@@ -191,12 +207,89 @@ pub async fn serve(
         };
         let service = TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
-            let Ok(stream) = TlsAcceptor::from(config).accept(stream).await else {
+            let accept = TlsAcceptor::from(config).accept(stream);
+            let Ok(Ok(stream)) = tokio::time::timeout(limits.handshake, accept).await else {
                 return;
             };
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.headers)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, reason = "test code")]
+
+    use super::*;
+    use crate::certs::{CertNames, generate};
+    use tokio::io::AsyncReadExt as _;
+    use tokio_rustls::TlsConnector;
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+    const LIMITS: ConnectionLimits = ConnectionLimits {
+        handshake: Duration::from_millis(300),
+        headers: Duration::from_millis(300),
+    };
+
+    /// A webhook server on a free loopback port; returns its address and its CA.
+    async fn server() -> (std::net::SocketAddr, String) {
+        let names =
+            CertNames::for_service("schemagate", "test", vec!["127.0.0.1".parse().expect("ip")]);
+        let (cert, _) =
+            generate(&names, k8s_openapi::jiff::Timestamp::now()).expect("a certificate");
+        let tls: TlsConfig = Arc::new(RwLock::new(tls_config(&cert).expect("TLS config")));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(serve(
+            listener,
+            tls,
+            Router::new(),
+            LIMITS,
+            std::future::pending::<()>(),
+        ));
+        (addr, cert.ca_bundle_pem)
+    }
+
+    /// Reads until the server closes the connection; fails if it stays open for 5 s.
+    async fn closed_by_server(stream: &mut (impl tokio::io::AsyncRead + Unpin)) {
+        let mut buffer = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+            .await
+            .expect("the server closed the connection in time");
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "nothing was served: {read:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_completes_the_handshake_is_dropped() {
+        let (addr, _) = server().await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        closed_by_server(&mut stream).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_no_request_is_dropped() {
+        let (addr, ca) = server().await;
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            roots
+                .add(cert.expect("a CA certificate"))
+                .expect("adding the CA");
+        }
+        let config = ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut tls = TlsConnector::from(Arc::new(config))
+            .connect("127.0.0.1".try_into().expect("a server name"), stream)
+            .await
+            .expect("the handshake completes");
+        closed_by_server(&mut tls).await;
     }
 }

@@ -155,6 +155,7 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
     let job_name = job::job_name(migration);
     match observed.job {
         None if draft.attempt_already_failed(&job_name) => draft.keep_failed(),
+        None if draft.job_was_running(&job_name) => draft.job_deleted(&job_name, &reported),
         None if migration.spec.suspend => draft.pending(
             reason::SUSPENDED,
             format!(
@@ -439,6 +440,17 @@ impl Draft<'_> {
             .any(|h| h.job.as_deref() == Some(job_name) && h.result == AttemptResult::Failed)
     }
 
+    /// The last status said this attempt's Job was running: if it is gone now, someone
+    /// deleted it (with its pod, perhaps midway through the migration).
+    fn job_was_running(&self, job_name: &str) -> bool {
+        self.previous.phase == Some(Phase::Running)
+            && self
+                .previous
+                .job
+                .as_ref()
+                .is_some_and(|j| j.name == job_name)
+    }
+
     fn finish(self, create_job: Option<Job>, next: Next) -> Plan {
         Plan {
             create_job,
@@ -644,6 +656,27 @@ impl Draft<'_> {
         self.failed(job, reason::REVISION_NOT_APPLIED, message, next)
     }
 
+    fn job_deleted(self, job_name: &str, reported: &str) -> Plan {
+        let revision = &self.migration.spec.revision;
+        let message = format!(
+            "migration Job {job_name} was deleted before it finished; the database reports {reported}, not revision {revision}. It may have stopped midway, so schemagate does not run it again on its own: check the database, then set annotation schemagate.dev/retry to a new value to try again"
+        );
+        let job = ObservedJob {
+            name: job_name.to_string(),
+            state: JobState::Failed {
+                reason: reason::JOB_DELETED.to_string(),
+            },
+            start_time: self
+                .previous
+                .job
+                .as_ref()
+                .and_then(|j| j.start_time.clone()),
+            completion_time: None,
+            message: None,
+        };
+        self.failed(&job, reason::JOB_DELETED, message, Next::AwaitChange)
+    }
+
     fn job_failed(self, job: &ObservedJob, job_reason: &str) -> Plan {
         let revision = &self.migration.spec.revision;
         let output = job
@@ -842,6 +875,52 @@ mod tests {
             retry_job.metadata.name,
             Some(first.status.job.unwrap().name)
         );
+    }
+
+    #[test]
+    fn a_running_job_deleted_is_a_failed_attempt_never_run_again_on_its_own() {
+        let mut migration = migration_from_yaml(MIGRATION);
+        let started = plan(&migration, observed(Ok(heads(&["0001"])), None), now());
+        let job_name = started.create_job.as_ref().unwrap().metadata.name.clone();
+        migration.status = Some(started.status.clone());
+        let running = job(&migration, JobState::Active, None);
+        let running = plan(
+            &migration,
+            observed(Ok(heads(&["0001"])), Some(running)),
+            now(),
+        );
+        migration.status = Some(running.status.clone());
+
+        // Someone deletes the running Job (and its pod): no new Job under the same name.
+        let deleted = plan(&migration, observed(Ok(heads(&["0001"])), None), now());
+        assert!(deleted.create_job.is_none(), "not re-run on its own");
+        assert_eq!(deleted.status.phase, Some(Phase::Failed));
+        let failed = condition(&deleted, FAILED);
+        assert_eq!(failed.reason, reason::JOB_DELETED);
+        assert!(failed.message.contains("was deleted before it finished"));
+        assert!(failed.message.contains("schemagate.dev/retry"));
+        assert!(matches!(deleted.next, Next::AwaitChange));
+        assert_eq!(deleted.notes.len(), 1, "one Warning Event");
+        let entry = deleted
+            .status
+            .history
+            .last()
+            .expect("the attempt is in the history");
+        assert_eq!(entry.job, job_name);
+        assert_eq!(entry.result, AttemptResult::Failed);
+
+        // Later reconciles keep it failed; a retry starts a new attempt.
+        migration.status = Some(deleted.status.clone());
+        let later = plan(&migration, observed(Ok(heads(&["0001"])), None), now());
+        assert!(later.create_job.is_none());
+        migration
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(schemagate_crds::RETRY_ANNOTATION.into(), "1".into());
+        let retried = plan(&migration, observed(Ok(heads(&["0001"])), None), now());
+        assert!(retried.create_job.is_some(), "a retry starts a new Job");
+        assert_ne!(retried.create_job.unwrap().metadata.name, job_name);
     }
 
     #[test]
