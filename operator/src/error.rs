@@ -46,6 +46,11 @@ pub enum Error {
 
     #[error("invalid object that cannot be read: {message}")]
     InvalidObject { message: String },
+
+    #[error(
+        "the API server refused to create Job {job}: {message} — fix the admission policy, quota or ServiceAccount it names (or the DatabaseMigration's spec); schemagate tries again with backoff"
+    )]
+    JobRejected { job: String, message: String },
 }
 
 impl Error {
@@ -59,6 +64,7 @@ impl Error {
             Error::ProbeTimeout { .. } => "DatabaseTimeout",
             Error::Kube { .. } => "KubernetesApiError",
             Error::InvalidObject { .. } => "InvalidObject",
+            Error::JobRejected { .. } => "JobRejected",
         }
     }
 
@@ -69,7 +75,8 @@ impl Error {
             Error::SecretNotFound { .. }
             | Error::SecretKeyMissing { .. }
             | Error::SecretNotText { .. }
-            | Error::InvalidObject { .. } => true,
+            | Error::InvalidObject { .. }
+            | Error::JobRejected { .. } => true,
             Error::Probe { source } => !matches!(source, ProbeError::Connect { .. }),
             Error::ProbeTimeout { .. } | Error::Kube { .. } => false,
         }

@@ -13,6 +13,7 @@ mod gate;
 mod helm;
 mod operator;
 mod outage;
+mod policy;
 mod probe;
 mod revisions;
 mod support;

@@ -347,17 +347,24 @@ pub fn chart_fullname(ns: &str) -> String {
 
 /// The chart rendered for the operator of one test namespace, as `helm template` gives it.
 async fn rendered_chart(ns: &str) -> Vec<serde_json::Value> {
+    rendered_chart_with(ns, &[]).await
+}
+
+/// [`rendered_chart`] with more `--set` values.
+pub async fn rendered_chart_with(ns: &str, values: &[&str]) -> Vec<serde_json::Value> {
     use serde::Deserialize;
-    let output = tokio::process::Command::new(helm_bin().await)
+    let mut command = tokio::process::Command::new(helm_bin().await);
+    command
         .arg("template")
         .arg("schemagate")
         .arg(repo_root().join("charts/schemagate"))
         .args(["--namespace", ns, "--kube-version", "v1.35.4"])
         .args(["--set", &format!("watchNamespace={ns}")])
-        .args(["--set", &format!("fullnameOverride={}", chart_fullname(ns))])
-        .output()
-        .await
-        .expect("running helm template");
+        .args(["--set", &format!("fullnameOverride={}", chart_fullname(ns))]);
+    for value in values {
+        command.args(["--set", value]);
+    }
+    let output = command.output().await.expect("running helm template");
     assert!(
         output.status.success(),
         "helm template failed: {}",

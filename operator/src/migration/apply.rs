@@ -31,6 +31,14 @@ async fn create_job(ctx: &Context, migration: &DatabaseMigration, job: &Job) -> 
     match jobs.create(&params, job).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        // Refused by admission (a policy, a quota) or as invalid: no retry of the same
+        // request will pass until a person changes something.
+        Err(kube::Error::Api(status)) if matches!(status.code, 400 | 403 | 422) => {
+            Err(Error::JobRejected {
+                job: name,
+                message: status.message,
+            })
+        }
         Err(source) => Err(Error::Kube {
             action: format!("create Job {name}"),
             source,

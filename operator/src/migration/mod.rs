@@ -38,7 +38,13 @@ use tracing::instrument;
 async fn reconcile(migration: &DatabaseMigration, ctx: &Context) -> Result<Action> {
     let observed = observe(ctx, migration).await?;
     let plan = plan(migration, observed, ctx.now());
-    apply(ctx, migration, &plan).await?;
+    if let Err(error) = apply(ctx, migration, &plan).await {
+        if matches!(error, Error::JobRejected { .. }) {
+            let status = plan::job_rejected(migration, &plan.status, &error, ctx.now());
+            update_status(ctx, migration, &status).await?;
+        }
+        return Err(error);
+    }
     update_status(ctx, migration, &plan.status).await?;
     publish(ctx, migration, &plan.notes).await;
     match plan.next {

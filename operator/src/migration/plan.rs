@@ -57,6 +57,41 @@ pub struct Plan {
     pub next: Next,
 }
 
+/// The status after the API server refused to create a Job the plan asked for: the attempt
+/// did not start (the last status's Job stays), Ready and Progressing say why, Stalled
+/// says a person must act. The error goes on to the per-object backoff.
+pub fn job_rejected(
+    migration: &DatabaseMigration,
+    planned: &DatabaseMigrationStatus,
+    error: &Error,
+    now: Timestamp,
+) -> DatabaseMigrationStatus {
+    let previous = migration.status.clone().unwrap_or_default();
+    let mut status = planned.clone();
+    status.job = previous.job;
+    status.phase = Some(Phase::Pending);
+    let message = error.chain();
+    let generation = migration.metadata.generation;
+    for (type_, value) in [
+        (READY, Status::False),
+        (PROGRESSING, Status::False),
+        (FAILED, Status::False),
+        (STALLED, Status::True),
+        (RECONCILING, Status::False),
+    ] {
+        set_condition(
+            &mut status.conditions,
+            type_,
+            value,
+            error.reason(),
+            &message,
+            generation,
+            now,
+        );
+    }
+    status
+}
+
 /// Decides the Job, status and Events of one reconcile.
 pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -> Plan {
     let previous = migration.status.clone().unwrap_or_default();
