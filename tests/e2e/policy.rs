@@ -54,26 +54,17 @@ async fn delete_policy(ns: &TestNamespace, name: &str) {
 
 /// A DatabaseMigration with this migrator image, ServiceAccount and tracking.
 fn migration(image: &str, account: Option<&str>, tracking: &str) -> DatabaseMigration {
-    let account = account
-        .map(|a| format!("\n    serviceAccountName: {a}"))
-        .unwrap_or_default();
-    serde_yaml::from_str(&format!(
-        r#"
-apiVersion: schemagate.dev/v1alpha1
-kind: DatabaseMigration
-metadata: {{ name: app-db }}
-spec:
-  database:
-    engine: postgres
-    urlSecretRef: {{ name: app-db-url, key: url }}
-    tracking: {tracking}
-  migrator:
-    image: {image}
-    command: ["alembic", "upgrade", "head"]{account}
-  revision: "0002"
-"#
-    ))
-    .expect("a DatabaseMigration")
+    let yaml = app_db_yaml(
+        tracking,
+        image,
+        r#"["alembic", "upgrade", "head"]"#,
+        "0002",
+        "",
+    );
+    let mut migration: DatabaseMigration =
+        serde_yaml::from_str(&yaml).expect("a DatabaseMigration");
+    migration.spec.migrator.service_account_name = account.map(str::to_owned);
+    migration
 }
 
 /// Dry-run creates `migration`; the API server's refusal, if any.
