@@ -493,6 +493,9 @@ pub mod reason {
     /// The migration Job was deleted before it finished: a failed attempt, never re-run
     /// on its own.
     pub const JOB_DELETED: &str = "JobDeleted";
+    /// The migration Job's pod cannot start: its image cannot be pulled, its security
+    /// context cannot be met, or the API server refuses the pod (Pod Security, a quota).
+    pub const MIGRATOR_CANNOT_START: &str = "MigratorCannotStart";
     /// The API server refused to create the migration Job (an admission policy, a quota,
     /// an invalid field).
     pub const JOB_REJECTED: &str = "JobRejected";

@@ -100,6 +100,7 @@ fn observed(database: Result<AppliedRevisions, Error>, job: Option<ObservedJob>)
     Observed {
         job,
         other_active_job: None,
+        stuck_earlier_job: None,
         database,
         held_deployments: vec![],
         graph_job: GraphJob::NotNeeded,
@@ -140,6 +141,8 @@ fn argo_cd_health_for_every_outcome() {
         start_time: None,
         completion_time: None,
         message: Some("sqlalchemy.exc.ProgrammingError: type \"integr\" does not exist".into()),
+        blocked: None,
+        pod_running: true,
     };
 
     // No status yet, and the CRD's default status: the operator has not looked.
@@ -173,6 +176,18 @@ fn argo_cd_health_for_every_outcome() {
     let (status, message) = health(&at(&migration, running.status));
     assert_eq!(status, "Progressing");
     assert!(message.contains("is running"), "{message}");
+
+    let mut blocked_job = job_named(JobState::Active);
+    blocked_job.pod_running = false;
+    blocked_job.blocked = Some("pod app-db-1: ImagePullBackOff: Back-off pulling image".into());
+    let blocked = plan::plan(
+        &migration,
+        observed(Ok(heads(&["0001"])), Some(blocked_job)),
+        now(),
+    );
+    let (status, message) = health(&at(&migration, blocked.status));
+    assert_eq!(status, "Degraded", "a pod that cannot start needs a person");
+    assert!(message.contains("ImagePullBackOff"), "{message}");
 
     let failed = plan::plan(
         &migration,

@@ -599,3 +599,58 @@ async fn a_running_job_deleted_is_a_failed_attempt_that_waits_for_a_retry() {
     await_ready(&ns).await;
     assert_eq!(alembic_version(&url).await.as_deref(), Some("0002"));
 }
+
+/// A migrator image that cannot be pulled is named within seconds, not after a deadline:
+/// the DatabaseMigration is Stalled with the kubelet's reason. Fixing the image in the
+/// spec recovers: the stuck Job of the earlier attempt (its pod never ran) is deleted
+/// before the new one starts, so two attempts never overlap.
+#[tokio::test]
+async fn a_migrator_image_that_cannot_be_pulled_is_named_within_seconds() {
+    let (ns, url, _operator) =
+        with_database_and_operator("image-pull", "pw-pull-9931", false).await;
+    let unpullable = "registry.invalid/admin-dashboard:v1";
+    let applied = std::time::Instant::now();
+    apply_migration(
+        &ns,
+        &migration_yaml(unpullable, r#"["alembic", "upgrade", "0001"]"#, "0001"),
+    )
+    .await;
+    let stalled = await_app_db_condition(&ns, "Stalled", "True", "MigratorCannotStart").await;
+    let named_in = applied.elapsed();
+    let message = &condition(&stalled, "Stalled").unwrap().message;
+    assert!(
+        message.contains("ErrImagePull") || message.contains("ImagePullBackOff"),
+        "{message}"
+    );
+    assert!(message.contains(unpullable), "{message}");
+    assert!(message.contains("spec.migrator.image"), "{message}");
+    await_event(&ns, "app-db", "Warning", "MigratorCannotStart").await;
+    let stuck_job = stalled
+        .status
+        .as_ref()
+        .unwrap()
+        .job
+        .as_ref()
+        .unwrap()
+        .name
+        .clone();
+    eprintln!("e2e: an unpullable migrator image was named {named_in:?} after the apply");
+
+    // The fix is a new image in the spec: a new attempt, after the stuck Job is gone.
+    apply_migration(
+        &ns,
+        &migration_yaml(APP_V1, r#"["alembic", "upgrade", "0001"]"#, "0001"),
+    )
+    .await;
+    await_ready(&ns).await;
+    assert_eq!(alembic_version(&url).await.as_deref(), Some("0001"));
+    let remaining: Vec<String> = jobs(&ns.api())
+        .await
+        .into_iter()
+        .filter_map(|j| j.metadata.name)
+        .collect();
+    assert!(
+        !remaining.contains(&stuck_job),
+        "the stuck Job was deleted: {remaining:?}"
+    );
+}

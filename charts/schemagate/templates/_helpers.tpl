@@ -120,7 +120,7 @@ or, with watchNamespace, in that namespace only (Role).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "delete"]
-# Migrator pods, for their termination message.
+# Migrator pods, for their termination message and why they cannot start.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
@@ -134,9 +134,11 @@ or, with watchNamespace, in that namespace only (Role).
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+# Events: its own, and list for the Job controller's FailedCreate of a migration Job
+# (why its pod was refused: Pod Security, a quota).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "patch", "list"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

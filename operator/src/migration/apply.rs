@@ -14,6 +14,26 @@ use schemagate_crds::{DatabaseMigration, DatabaseMigrationStatus};
 /// Created, not applied: a Job's template is immutable, and re-applying it after an
 /// operator upgrade changed the template would fail instead of keeping the running attempt.
 pub async fn apply(ctx: &Context, migration: &DatabaseMigration, plan: &Plan) -> Result<()> {
+    if let Some(name) = &plan.delete_job {
+        let namespace = migration.namespace().unwrap_or_default();
+        let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+        // Foreground: the Job stays until its pod is gone, so no attempt overlaps it.
+        match jobs
+            .delete(name, &kube::api::DeleteParams::foreground())
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(job = %name, "deleted an earlier attempt's Job that never started")
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Kube {
+                    action: format!("delete Job {name}"),
+                    source,
+                });
+            }
+        }
+    }
     for job in plan.create_graph_job.iter().chain(&plan.create_job) {
         create_job(ctx, migration, job).await?;
     }

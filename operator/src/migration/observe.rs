@@ -9,8 +9,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
-use kube::{Resource, ResourceExt};
 use schemagate_crds::{DatabaseMigration, HELD_FOR_ANNOTATION, MIGRATION_LABEL};
 use std::time::Duration;
 
@@ -21,6 +21,9 @@ pub struct Observed {
     pub job: Option<ObservedJob>,
     /// Another migration Job still running against the same database, if any.
     pub other_active_job: Option<String>,
+    /// An earlier attempt's Job of this DatabaseMigration that is active but never started
+    /// its pod (see [`CANNOT_START`]): superseded by the current spec, safe to delete.
+    pub stuck_earlier_job: Option<String>,
     /// The database's applied revisions, or why they could not be read.
     pub database: Result<AppliedRevisions, Error>,
     /// Names of this migration's Deployments currently held by schemagate.
@@ -60,7 +63,24 @@ pub struct ObservedJob {
     pub completion_time: Option<Time>,
     /// Tail of the migrator's termination message, secrets already removed.
     pub message: Option<String>,
+    /// Why an active Job's pod cannot start (see [`CANNOT_START`]), secrets removed.
+    pub blocked: Option<String>,
+    /// Whether an active Job has a pod that runs (is Ready).
+    pub pod_running: bool,
 }
+
+/// Waiting reasons of a container that will not start until something changes: a kubelet
+/// keeps retrying, but only a person can fix the image, its pull secret or the security
+/// context.
+pub const CANNOT_START: &[&str] = &[
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobState {
@@ -97,6 +117,10 @@ pub async fn observe(ctx: &Context, migration: &DatabaseMigration) -> Result<Obs
     } else {
         None
     };
+    let stuck_earlier_job = match &other_active_job {
+        Some(other) => stuck_earlier_job(ctx, &jobs, &namespace, migration, other).await?,
+        None => None,
+    };
     let database = match url {
         Ok(url) => probe_with_timeout(migration, &url).await,
         Err(error) => Err(error),
@@ -106,6 +130,7 @@ pub async fn observe(ctx: &Context, migration: &DatabaseMigration) -> Result<Obs
     Ok(Observed {
         job,
         other_active_job,
+        stuck_earlier_job,
         database,
         held_deployments,
         graph_job,
@@ -201,6 +226,14 @@ async fn observe_graph_job(
         };
         return Ok(GraphJob::Failed { name, message });
     }
+    let started = found
+        .status
+        .as_ref()
+        .is_some_and(|s| s.ready.unwrap_or(0) > 0);
+    if !started && let Some(why) = why_not_started(ctx, namespace, &name).await? {
+        let message = format!("Job {name} cannot start: {}", scrub(&why, None));
+        return Ok(GraphJob::Failed { name, message });
+    }
     Ok(GraphJob::Running { name })
 }
 
@@ -262,6 +295,14 @@ async fn observe_job(
     } else {
         JobState::Active
     };
+    let pod_running = status.ready.unwrap_or(0) > 0;
+    let blocked = if state == JobState::Active && !pod_running {
+        why_not_started(ctx, namespace, &name)
+            .await?
+            .map(|why| scrub(&why, url))
+    } else {
+        None
+    };
     let message = if matches!(state, JobState::Failed { .. }) {
         termination(ctx, namespace, &name)
             .await?
@@ -278,7 +319,58 @@ async fn observe_job(
         start_time: status.start_time,
         completion_time: status.completion_time,
         message,
+        blocked,
+        pod_running,
     })
+}
+
+/// Why an active Job's pod has not started, if a kubelet or the API server says so: the
+/// newest pod's container waiting in one of [`CANNOT_START`], or, with no pod at all, the
+/// Job controller's `FailedCreate` Event (Pod Security admission, a quota).
+async fn why_not_started(ctx: &Context, namespace: &str, job_name: &str) -> Result<Option<String>> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut list = pods
+        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")))
+        .await
+        .map_err(Error::kube(format!("list pods of Job {job_name}")))?
+        .items;
+    list.sort_by_key(|pod| pod.creation_timestamp());
+    if let Some(pod) = list.last() {
+        let status = pod.status.clone().unwrap_or_default();
+        let waiting = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten())
+            .find_map(|c| {
+                let waiting = c.state.as_ref()?.waiting.as_ref()?;
+                let reason = waiting.reason.as_deref()?;
+                CANNOT_START.contains(&reason).then(|| {
+                    let detail = waiting.message.as_deref().unwrap_or_default();
+                    format!("pod {}: {reason}: {detail}", pod.name_any())
+                })
+            });
+        return Ok(waiting);
+    }
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(ctx.client.clone(), namespace);
+    let refused = events
+        .list(&ListParams::default().fields(&format!(
+            "involvedObject.kind=Job,involvedObject.name={job_name},reason=FailedCreate"
+        )))
+        .await
+        .map_err(Error::kube(format!("list Events of Job {job_name}")))?
+        .items
+        .into_iter()
+        .max_by_key(|e| {
+            e.last_timestamp.clone().or(e
+                .event_time
+                .clone()
+                .map(|t| k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t.0)))
+        })
+        .and_then(|e| e.message)
+        .map(|message| format!("its pod was refused: {message}"));
+    Ok(refused)
 }
 
 /// Removes the URL and its password, then keeps the tail: the end of a log says what failed.
@@ -337,7 +429,8 @@ async fn other_active_job(
     Ok(list
         .items
         .into_iter()
-        .filter(|other| other.name_any() != job_name && other.meta().deletion_timestamp.is_none())
+        // A Job being deleted still counts until it is gone: its pod may still run.
+        .filter(|other| other.name_any() != job_name)
         .find(|other| {
             let finished = other
                 .status
@@ -351,6 +444,33 @@ async fn other_active_job(
             !finished
         })
         .map(|other| other.name_any()))
+}
+
+/// `other` when it is an earlier attempt of this same DatabaseMigration, not being deleted
+/// yet, whose pod never ran and cannot start: nothing of its migration ran.
+async fn stuck_earlier_job(
+    ctx: &Context,
+    jobs: &Api<Job>,
+    namespace: &str,
+    migration: &DatabaseMigration,
+    other: &str,
+) -> Result<Option<String>> {
+    let Some(found) = jobs
+        .get_opt(other)
+        .await
+        .map_err(Error::kube(format!("get Job {other}")))?
+    else {
+        return Ok(None);
+    };
+    let ours = found.labels().get(job::OWNER_LABEL) == Some(&migration.name_any());
+    let never_ran = found.status.as_ref().is_none_or(|s| {
+        s.ready.unwrap_or(0) == 0 && s.succeeded.unwrap_or(0) == 0 && s.failed.unwrap_or(0) == 0
+    });
+    if !ours || !never_ran || found.metadata.deletion_timestamp.is_some() {
+        return Ok(None);
+    }
+    let stuck = why_not_started(ctx, namespace, other).await?.is_some();
+    Ok(stuck.then(|| other.to_string()))
 }
 
 /// Names of this migration's Deployments that schemagate holds.

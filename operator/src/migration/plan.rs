@@ -25,6 +25,8 @@ pub const MAX_HISTORY: usize = 10;
 pub const DEFAULT_DRIFT_CHECK: Duration = Duration::from_secs(300);
 /// How often a running migration is looked at even without a Job event.
 const RUNNING_RECHECK: Duration = Duration::from_secs(60);
+/// How soon an active Job whose pod does not run yet is looked at again.
+const STARTING_RECHECK: Duration = Duration::from_secs(5);
 /// How soon a migration waiting for another one on the same database looks again.
 const WAITING_RECHECK: Duration = Duration::from_secs(10);
 
@@ -52,6 +54,8 @@ pub struct Plan {
     pub create_job: Option<Job>,
     /// The revision-graph Job to start (Alembic), beside any migration Job.
     pub create_graph_job: Option<Job>,
+    /// An earlier attempt's Job to delete first (one that never started its pod).
+    pub delete_job: Option<String>,
     pub status: DatabaseMigrationStatus,
     pub notes: Vec<Note>,
     pub next: Next,
@@ -201,6 +205,18 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
             Work::Done,
         ),
         None => match observed.other_active_job {
+            Some(other) if observed.stuck_earlier_job.as_ref() == Some(&other) => {
+                let mut plan = draft.pending(
+                    reason::WAITING_FOR_OTHER_MIGRATION,
+                    format!(
+                        "deleting Job {other} of an earlier attempt, whose pod never started; this attempt starts once it is gone"
+                    ),
+                    Next::Requeue(STARTING_RECHECK),
+                    Work::UnderWay,
+                );
+                plan.delete_job = Some(other);
+                plan
+            }
             Some(other) => draft.pending(
                 reason::WAITING_FOR_OTHER_MIGRATION,
                 format!(
@@ -490,6 +506,7 @@ impl Draft<'_> {
         Plan {
             create_job,
             create_graph_job: self.create_graph_job,
+            delete_job: None,
             status: self.status,
             notes: self.notes,
             next,
@@ -668,6 +685,9 @@ impl Draft<'_> {
     }
 
     fn running(mut self, job: &ObservedJob, reported: &str) -> Plan {
+        if let Some(why) = &job.blocked {
+            return self.cannot_start(job, why);
+        }
         let message = format!(
             "migration Job {} is running; the database reports {reported}",
             job.name
@@ -677,7 +697,32 @@ impl Draft<'_> {
         self.set(PROGRESSING, Status::True, reason::JOB_RUNNING, &message);
         self.set(FAILED, Status::False, reason::MIGRATION_RUNNING, &message);
         self.work(Work::UnderWay, reason::JOB_RUNNING, &message);
-        self.finish(None, Next::Requeue(RUNNING_RECHECK))
+        // Pod events do not wake this controller: look again soon until the pod runs, so
+        // that a pod that cannot start is reported within seconds.
+        let next = if job.pod_running {
+            RUNNING_RECHECK
+        } else {
+            STARTING_RECHECK
+        };
+        self.finish(None, Next::Requeue(next))
+    }
+
+    /// An active Job whose pod cannot start: Stalled, with the kubelet's or the API
+    /// server's reason. The Job stays (a pushed image or a fixed pull secret lets it go
+    /// on); it is looked at again soon.
+    fn cannot_start(mut self, job: &ObservedJob, why: &str) -> Plan {
+        let message = format!(
+            "migration Job {} cannot start: {why} — fix spec.migrator.image, its pull secret, spec.migrator.securityContext or the namespace's policy; the Job keeps trying, or set annotation schemagate.dev/retry after changing the spec",
+            job.name
+        );
+        let reason = reason::MIGRATOR_CANNOT_START;
+        self.status.phase = Some(Phase::Running);
+        self.set(READY, Status::False, reason, &message);
+        self.set(PROGRESSING, Status::False, reason, &message);
+        self.set(FAILED, Status::False, reason, &message);
+        self.work(Work::NeedsPerson, reason, &message);
+        self.note_on_transition(EventType::Warning, reason, message);
+        self.finish(None, Next::Requeue(STARTING_RECHECK))
     }
 
     fn not_applied(self, job: &ObservedJob, reported: &str) -> Plan {
@@ -708,6 +753,8 @@ impl Draft<'_> {
                 .and_then(|j| j.start_time.clone()),
             completion_time: None,
             message: None,
+            blocked: None,
+            pod_running: false,
         };
         self.failed(&job, reason::JOB_DELETED, message, Next::AwaitChange)
     }
@@ -761,6 +808,7 @@ mod tests {
         Observed {
             job,
             other_active_job: None,
+            stuck_earlier_job: None,
             database,
             held_deployments: vec![],
             graph_job: GraphJob::NotNeeded,
@@ -774,6 +822,8 @@ mod tests {
             start_time: Some(Time(now())),
             completion_time: None,
             message: message.map(str::to_string),
+            blocked: None,
+            pod_running: true,
         }
     }
 
@@ -910,6 +960,49 @@ mod tests {
             retry_job.metadata.name,
             Some(first.status.job.unwrap().name)
         );
+    }
+
+    #[test]
+    fn a_job_whose_pod_cannot_start_is_stalled_with_the_kubelets_reason() {
+        let mut migration = migration_from_yaml(MIGRATION);
+        let started = plan(&migration, observed(Ok(heads(&["0001"])), None), now());
+        migration.status = Some(started.status.clone());
+        let mut pending = job(&migration, JobState::Active, None);
+        pending.pod_running = false;
+        let starting = plan(
+            &migration,
+            observed(Ok(heads(&["0001"])), Some(pending.clone())),
+            now(),
+        );
+        assert!(matches!(starting.next, Next::Requeue(d) if d == STARTING_RECHECK));
+        assert_eq!(
+            condition(&starting, PROGRESSING).reason,
+            reason::JOB_RUNNING
+        );
+
+        pending.blocked =
+            Some("pod app-db-1-x: ErrImagePull: image registry.invalid/app:v2 not found".into());
+        let blocked = plan(
+            &migration,
+            observed(Ok(heads(&["0001"])), Some(pending)),
+            now(),
+        );
+        assert!(blocked.create_job.is_none(), "the Job stays");
+        let stalled = condition(&blocked, STALLED);
+        assert_eq!(stalled.status, "True");
+        assert_eq!(stalled.reason, reason::MIGRATOR_CANNOT_START);
+        assert!(
+            stalled.message.contains("ErrImagePull"),
+            "{}",
+            stalled.message
+        );
+        assert!(stalled.message.contains("spec.migrator.image"));
+        assert_eq!(
+            condition(&blocked, READY).reason,
+            reason::MIGRATOR_CANNOT_START
+        );
+        assert_eq!(blocked.notes.len(), 1, "one Warning Event");
+        assert!(matches!(blocked.next, Next::Requeue(d) if d == STARTING_RECHECK));
     }
 
     #[test]

@@ -371,7 +371,7 @@ async fn pod_lifecycle(ctx: Arc<NodeContext>, pod: Pod, mut stop: watch::Receive
         .iter()
         .any(|c| images.iter().any(|e| Some(&e.image) == c.image.as_ref()));
     let mut run = PodRun::new(api.clone(), &pod, Some(ip));
-    let stop_reason = if is_job_pod(&pod) || mapped {
+    let stop_reason = if is_job_pod(&pod) || mapped || unpullable_image(&pod).is_some() {
         tracing::info!(pod = %key, %ip, "running pod as local processes");
         run_processes(&ctx, &pod, ip, &images, &mut run, &mut stop).await
     } else {
@@ -409,6 +409,28 @@ async fn delete_now(api: &Api<Pod>, pod: &Pod) {
     }
 }
 
+/// How long a container shows `ErrImagePull` before `ImagePullBackOff`.
+const IMAGE_PULL_BACK_OFF: Duration = Duration::from_secs(2);
+
+/// The first image of the pod that no registry can serve: one whose registry host ends in
+/// `.invalid` (RFC 2606: a name that never resolves). Other images run from the image map
+/// or as host programs.
+fn unpullable_image(pod: &Pod) -> Option<String> {
+    let spec = pod.spec.as_ref()?;
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .filter_map(|c| c.image.clone())
+        .find(|image| {
+            let Some((host, _)) = image.split_once('/') else {
+                return false;
+            };
+            let host = host.split(':').next().unwrap_or(host);
+            host.ends_with(".invalid")
+        })
+}
+
 /// Runs init containers one by one, then all containers; returns why the pod stopped.
 async fn run_processes(
     ctx: &NodeContext,
@@ -430,6 +452,18 @@ async fn run_processes(
             .take(8)
             .collect::<String>()
     ));
+    if let Some(image) = unpullable_image(pod) {
+        // As a kubelet: ErrImagePull, then ImagePullBackOff, until the pod is deleted.
+        run.image_not_pulled(&image, false);
+        run.write().await;
+        let backed_off = tokio::time::timeout(IMAGE_PULL_BACK_OFF, stopped(stop)).await;
+        if let Ok(reason) = backed_off {
+            return reason;
+        }
+        run.image_not_pulled(&image, true);
+        run.write().await;
+        return stopped(stop).await;
+    }
     let ip_text = ip.to_string();
     let penv = PodEnvironment {
         client: &ctx.client,

@@ -324,6 +324,33 @@ impl PodRun {
         self.phase = "Failed";
     }
 
+    /// A container whose image cannot be pulled waits, as a kubelet reports it: first
+    /// `ErrImagePull`, then `ImagePullBackOff`. The pod stays Pending.
+    pub fn image_not_pulled(&mut self, image: &str, back_off: bool) {
+        let message = if back_off {
+            format!("Back-off pulling image \"{image}\"")
+        } else {
+            format!(
+                "failed to pull and unpack image \"{image}\": failed to resolve reference \"{image}\": no such host"
+            )
+        };
+        let reason = if back_off {
+            "ImagePullBackOff"
+        } else {
+            "ErrImagePull"
+        };
+        for view in self.init.iter_mut().chain(self.main.iter_mut()) {
+            if view.image == image {
+                view.state = ContainerState::Waiting {
+                    reason: reason.to_owned(),
+                    message: Some(message.clone()),
+                };
+                view.ready = false;
+            }
+        }
+        self.phase = "Pending";
+    }
+
     /// The pod's containers could not be configured (missing Secret, key, ...): the pod
     /// fails, as a Job needs to see it.
     pub fn fail_to_configure(&mut self, message: &str) {
