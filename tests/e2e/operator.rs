@@ -654,3 +654,33 @@ async fn a_migrator_image_that_cannot_be_pulled_is_named_within_seconds() {
         "the stuck Job was deleted: {remaining:?}"
     );
 }
+
+/// A namespace enforcing Pod Security "restricted" refuses a root migrator's pod: the
+/// Job controller cannot create it, and the DatabaseMigration says so, quoting Pod
+/// Security's reasons, instead of "running" until a deadline.
+#[tokio::test]
+async fn a_root_migrator_refused_by_pod_security_is_named() {
+    let (ns, _url, _operator) =
+        with_database_and_operator("pod-security", "pw-psa-5521", false).await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ns.cluster().client());
+    namespaces
+        .patch(
+            ns.name(),
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce": "restricted"
+            }}})),
+        )
+        .await
+        .expect("enforcing restricted");
+    // The migrator asks to run as root.
+    let yaml = migration_yaml(APP_V1, r#"["alembic", "upgrade", "0001"]"#, "0001").replace(
+        "  migrator:\n",
+        "  migrator:\n    podSecurityContext: { runAsNonRoot: false }\n    securityContext: { runAsNonRoot: false, runAsUser: 0 }\n",
+    );
+    apply_migration(&ns, &yaml).await;
+    let stalled = await_app_db_condition(&ns, "Stalled", "True", "MigratorCannotStart").await;
+    let message = &condition(&stalled, "Stalled").unwrap().message;
+    assert!(message.contains("PodSecurity"), "{message}");
+    assert!(message.contains("restricted"), "{message}");
+}
