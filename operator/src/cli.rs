@@ -83,6 +83,16 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Run the controllers only on the replica that holds a Lease (several replicas; the
+    /// webhook is served by all of them).
+    #[arg(long)]
+    pub leader_elect: bool,
+    /// Name of that Lease, in the operator's namespace (--webhook-service-namespace).
+    #[arg(long, default_value = "schemagate")]
+    pub leader_election_lease: String,
+    /// This replica's name in the Lease; the pod name.
+    #[arg(long, env = "POD_NAME")]
+    pub leader_election_identity: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -247,11 +257,20 @@ async fn run(args: RunArgs) -> ExitCode {
         },
         config_name: args.webhook_config_name.clone(),
     });
+    let leader_election = args.leader_elect.then(|| crate::run::LeaderElection {
+        namespace: args.webhook_service_namespace.clone(),
+        lease: args.leader_election_lease.clone(),
+        identity: args
+            .leader_election_identity
+            .clone()
+            .unwrap_or_else(|| format!("schemagate-{}", std::process::id())),
+    });
     let config = RunConfig {
         controller: ControllerConfig {
             namespace: args.watch_namespace.clone(),
             concurrency: args.concurrency.max(1),
         },
+        leader_election,
         metrics_addr: Some(args.metrics_addr),
         webhook,
     };

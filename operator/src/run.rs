@@ -8,13 +8,18 @@ use crate::gate::webhook;
 use crate::telemetry::Metrics;
 use axum::Router;
 use axum::routing::get;
+use futures::StreamExt as _;
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, PostParams};
 use kube::core::DeserializeGuard;
+use kube::runtime::WatchStreamExt as _;
 use kube::runtime::controller::Controller;
+use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{conditions, wait::await_condition, watcher};
 use kube::{Client, CustomResourceExt};
+use kube_lease_manager::LeaseManagerBuilder;
 use schemagate_crds::DatabaseMigration;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,11 +38,30 @@ const CERT_DIR_CHECK_INTERVAL: Duration = Duration::from_secs(300);
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub controller: ControllerConfig,
+    /// Run the controllers only while holding this Lease; `None` runs them at once. The
+    /// webhook, metrics and health endpoints run on every replica either way.
+    pub leader_election: Option<LeaderElection>,
     /// Serves /metrics, /healthz and /readyz; `None` serves nothing.
     pub metrics_addr: Option<SocketAddr>,
     /// The admission webhook; `None` runs the controller backstop alone.
     pub webhook: Option<WebhookSettings>,
 }
+
+#[derive(Clone, Debug)]
+pub struct LeaderElection {
+    /// Namespace of the Lease (the operator's own).
+    pub namespace: String,
+    /// Name of the Lease.
+    pub lease: String,
+    /// This replica's name in the Lease (its pod name).
+    pub identity: String,
+}
+
+/// How long a Lease is valid without renewal: a replica that dies without releasing it
+/// is replaced after at most this long.
+const LEASE_SECONDS: u64 = 15;
+/// How long before expiry the holder renews it.
+const LEASE_RENEW_BEFORE_SECONDS: u64 = 5;
 
 #[derive(Clone, Debug)]
 pub struct WebhookSettings {
@@ -71,6 +95,8 @@ pub enum RunError {
     Certificate(#[from] CertError),
     #[error("webhook TLS: {0}")]
     Tls(String),
+    #[error("leader election on Lease {lease}: {message}")]
+    LeaderElection { lease: String, message: String },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -104,9 +130,24 @@ pub async fn run(
         Some(namespace) => Api::namespaced(client.clone(), namespace),
         None => Api::all(client.clone()),
     };
-    let controller = Controller::new(migrations, watcher::Config::default());
+    // The DatabaseMigrations every replica knows, for the webhook and the gate, whether or
+    // not it runs the controllers (which keep a store of their own).
+    let (store, writer) = reflector::store::<DeserializeGuard<DatabaseMigration>>();
+    let reflected = reflector(
+        writer,
+        watcher(migrations.clone(), watcher::Config::default()),
+    )
+    .default_backoff()
+    .for_each(|_| std::future::ready(()));
+    let stop_reflecting = stopped();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = reflected => {}
+            () = stop_reflecting => {}
+        }
+    });
     let metrics = Arc::new(Metrics::default());
-    let ctx = Arc::new(Context::new(client.clone(), controller.store(), metrics));
+    let ctx = Arc::new(Context::new(client.clone(), store, metrics));
     match whoami(&client).await {
         Ok(name) => {
             let _ = ctx.identity.set(name);
@@ -186,10 +227,128 @@ pub async fn run(
         ready_flag.store(true, Ordering::SeqCst);
         info!("DatabaseMigrations listed: ready");
     });
-    info!(namespace = ?config.controller.namespace, concurrency = config.controller.concurrency, "controllers starting");
-    run_controllers(ctx, controller, &config.controller, stopped).await;
-    info!("controllers stopped");
+    match &config.leader_election {
+        None => {
+            info!(namespace = ?config.controller.namespace, concurrency = config.controller.concurrency, "controllers starting");
+            let controller = Controller::new(migrations, watcher::Config::default());
+            ctx.metrics.leader.set(1);
+            run_controllers(ctx, controller, &config.controller, stopped).await;
+            info!("controllers stopped");
+        }
+        Some(election) => lead(&client, ctx, migrations, &config, election, stopped).await?,
+    }
     Ok(())
+}
+
+/// Runs the controllers whenever this replica holds the Lease, until shutdown; then
+/// releases the Lease at once, so that another replica takes over without waiting for it
+/// to expire.
+async fn lead(
+    client: &Client,
+    ctx: Arc<Context>,
+    migrations: Api<DeserializeGuard<DatabaseMigration>>,
+    config: &RunConfig,
+    election: &LeaderElection,
+    stopped: impl Fn() -> Shutdown + Clone + Send + Sync + 'static,
+) -> Result<(), RunError> {
+    let failed = |error: kube_lease_manager::LeaseManagerError| RunError::LeaderElection {
+        lease: format!("{}/{}", election.namespace, election.lease),
+        message: error.to_string(),
+    };
+    let elect = || async {
+        let manager = LeaseManagerBuilder::new(client.clone(), &election.lease)
+            .with_namespace(&election.namespace)
+            .with_identity(&election.identity)
+            .with_duration(LEASE_SECONDS)
+            .with_grace(LEASE_RENEW_BEFORE_SECONDS)
+            .with_field_manager(crate::context::FIELD_MANAGER)
+            .build()
+            .await
+            .map_err(failed)?;
+        Ok::<_, RunError>(manager.watch().await)
+    };
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &election.namespace);
+    let (mut leading, mut elector) = elect().await?;
+    info!(lease = %election.lease, identity = %election.identity, "waiting to lead");
+    loop {
+        let mut wait = leading.clone();
+        // A bool, not the channel's read guard: nothing !Send lives across the awaits below.
+        let became_leader = async move { wait.wait_for(|leader| *leader).await.is_ok() };
+        tokio::select! {
+            ok = became_leader => if !ok { break },
+            () = released(&leases, &election.lease) => {
+                // The elector only looks again when the holder's term would end: a Lease
+                // released by a replica that stopped is taken at once by a new elector.
+                drop(leading);
+                let _ = elector.await;
+                (leading, elector) = elect().await?;
+                continue;
+            }
+            () = stopped() => break,
+        }
+        info!(identity = %election.identity, namespace = ?config.controller.namespace, "leading: controllers starting");
+        ctx.metrics.leader.set(1);
+        let lost = leading.clone();
+        let stop = stopped.clone();
+        let until = move || -> Shutdown {
+            let mut lost = lost.clone();
+            let stop = stop();
+            Box::pin(async move {
+                let lost = async move {
+                    let _ = lost.wait_for(|leader| !*leader).await;
+                };
+                tokio::select! {
+                    () = lost => {}
+                    () = stop => {}
+                }
+            })
+        };
+        let controller = Controller::new(migrations.clone(), watcher::Config::default());
+        run_controllers(ctx.clone(), controller, &config.controller, until).await;
+        ctx.metrics.leader.set(0);
+        if *leading.borrow() {
+            info!("controllers stopped; releasing the Lease");
+            break;
+        }
+        warn!(identity = %election.identity, "lost the Lease: controllers stopped, waiting to lead again");
+    }
+    // Dropping the last receiver makes the elector release the Lease and return.
+    drop(leading);
+    match elector.await {
+        Ok(Ok(_)) => info!("Lease released"),
+        Ok(Err(error)) => warn!(%error, "releasing the Lease failed; it expires on its own"),
+        Err(error) => warn!(%error, "the leader election task failed"),
+    }
+    Ok(())
+}
+
+/// Completes when the Lease has been held by someone and then has no holder (its holder
+/// released it); pending while that cannot be watched.
+async fn released(leases: &Api<Lease>, name: &str) {
+    let held = |lease: &Lease| {
+        lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref())
+            .is_some_and(|h| !h.is_empty())
+    };
+    let events = watcher(
+        leases.clone(),
+        watcher::Config::default().fields(&format!("metadata.name={name}")),
+    )
+    .default_backoff()
+    .applied_objects();
+    tokio::pin!(events);
+    let mut was_held = false;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(lease) if held(&lease) => was_held = true,
+            Ok(_) if was_held => return,
+            Ok(_) => {}
+            Err(error) => warn!(%error, "cannot watch the Lease"),
+        }
+    }
+    std::future::pending::<()>().await;
 }
 
 /// Waits until the DatabaseMigration CRD is established, saying so while it waits.

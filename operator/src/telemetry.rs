@@ -38,6 +38,9 @@ pub struct Metrics {
     /// 1 while the MutatingWebhookConfiguration exists and trusts the serving certificate;
     /// 0 while it is missing or cannot be repaired (the backstop alone gates then).
     pub webhook_configured: Gauge,
+    /// 1 while this replica runs the controllers (holds the Lease, or runs without
+    /// leader election), else 0.
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -78,9 +81,16 @@ impl Default for Metrics {
             "1 while the webhook configuration exists and trusts the operator's certificate, else 0",
             webhook_configured.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica runs the controllers (it holds the Lease), else 0",
+            leader.clone(),
+        );
         Metrics {
             registry,
             webhook_configured,
+            leader,
             reconciles,
             failures,
             reconcile_duration,

@@ -15,5 +15,6 @@ mod operator;
 mod outage;
 mod policy;
 mod probe;
+mod replicas;
 mod revisions;
 mod support;

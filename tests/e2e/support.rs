@@ -117,8 +117,11 @@ pub struct Operator {
     cluster: &'static TestCluster,
 }
 
+#[derive(Default)]
 pub struct OperatorOptions {
     pub webhook: bool,
+    /// Run the controllers only while holding this Lease.
+    pub leader_election: Option<schemagate::run::LeaderElection>,
 }
 
 impl Operator {
@@ -129,7 +132,15 @@ impl Operator {
     /// An operator serving its webhook while its MutatingWebhookConfiguration does not
     /// exist ([`install_webhook_config`] adds it later).
     pub async fn start_without_webhook_configuration(namespace: &TestNamespace) -> Operator {
-        Self::start_with(namespace, OperatorOptions { webhook: true }, false).await
+        Self::start_with(
+            namespace,
+            OperatorOptions {
+                webhook: true,
+                ..Default::default()
+            },
+            false,
+        )
+        .await
     }
 
     async fn start_with(
@@ -178,6 +189,7 @@ impl Operator {
                 namespace: Some(ns),
                 concurrency: 4,
             },
+            leader_election: options.leader_election.clone(),
             metrics_addr: Some(metrics_addr),
             webhook,
         };
@@ -211,19 +223,7 @@ impl Operator {
 
     /// The value of one metric (no labels) from the operator's /metrics, if it is there.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
-            .await
-            .ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: operator\r\n\r\n")
-            .await
-            .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await.ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
+        metric_at(self.metrics_addr, name).await
     }
 
     /// Waits until the operator has patched its CA bundle into the configuration and the
@@ -317,6 +317,21 @@ impl Drop for Operator {
             });
         }
     }
+}
+
+/// The value of one series (`name` or `name{labels}`) from the /metrics at `addr`.
+pub async fn metric_at(addr: std::net::SocketAddr, series: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: operator\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{series} ")))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// `tests/helm/build.sh`: Helm 3 from the Go module proxy, cached.

@@ -95,6 +95,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- else }}
 - --no-webhook
 {{- end }}
+- --leader-elect
+- --leader-election-lease={{ include "schemagate.fullname" . }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
 {{- end }}
