@@ -60,14 +60,7 @@ async fn replica_sets_of_revision(ns: &TestNamespace, revision: &str) -> usize {
 #[tokio::test]
 async fn the_incident_replayed_v2_waits_for_its_columns() {
     let ns = namespace("incident").await;
-    let _operator = Operator::start(
-        &ns,
-        OperatorOptions {
-            webhook: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let _operator = Operator::start(&ns, OperatorOptions::webhook()).await;
     let url = v1_serving(&ns).await;
 
     let timeline = release_v2(&ns, &url).await;
@@ -114,14 +107,7 @@ async fn the_incident_replayed_v2_waits_for_its_columns() {
 #[tokio::test]
 async fn deployment_first_and_migration_later_is_held_then_released() {
     let ns = namespace("deployment-first").await;
-    let _operator = Operator::start(
-        &ns,
-        OperatorOptions {
-            webhook: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let _operator = Operator::start(&ns, OperatorOptions::webhook()).await;
     let url = v1_serving(&ns).await;
     let (stop, watch) = watch_release(&ns, url.clone(), "0001", "0002").await;
 
@@ -159,14 +145,7 @@ async fn deployment_first_and_migration_later_is_held_then_released() {
 #[tokio::test]
 async fn migration_first_and_deployment_later_is_never_held() {
     let ns = namespace("migration-first").await;
-    let _operator = Operator::start(
-        &ns,
-        OperatorOptions {
-            webhook: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let _operator = Operator::start(&ns, OperatorOptions::webhook()).await;
     let url = v1_serving(&ns).await;
     apply_manifest(&ns, "examples/incident/manifests/migration.yaml").await;
     wait_for(
@@ -204,14 +183,7 @@ async fn migration_first_and_deployment_later_is_never_held() {
 #[tokio::test]
 async fn failed_migration_keeps_v2_held_and_v1_serving_until_fixed() {
     let ns = namespace("gate-failure").await;
-    let _operator = Operator::start(
-        &ns,
-        OperatorOptions {
-            webhook: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let _operator = Operator::start(&ns, OperatorOptions::webhook()).await;
     let url = v1_serving(&ns).await;
     let (stop, watch) = watch_release(&ns, url.clone(), "0001", "0002").await;
 
@@ -251,14 +223,7 @@ async fn failed_migration_keeps_v2_held_and_v1_serving_until_fixed() {
 #[tokio::test]
 async fn a_persons_pause_survives_the_release() {
     let ns = namespace("persons-pause").await;
-    let _operator = Operator::start(
-        &ns,
-        OperatorOptions {
-            webhook: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let _operator = Operator::start(&ns, OperatorOptions::webhook()).await;
     let url = v1_serving(&ns).await;
     let _ = url;
     // A person pauses the Deployment, then changes it to v2: schemagate must not take that
@@ -309,14 +274,7 @@ async fn a_persons_pause_survives_the_release() {
 #[tokio::test]
 async fn check_exits_1_while_held_and_0_after() {
     let ns = namespace("check").await;
-    let _operator = Operator::start(
-        &ns,
-        OperatorOptions {
-            webhook: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let _operator = Operator::start(&ns, OperatorOptions::webhook()).await;
     v1_serving(&ns).await;
     let check = || {
         let kubeconfig = ns.cluster().kubeconfig_path().to_path_buf();
@@ -365,14 +323,7 @@ async fn check_exits_1_while_held_and_0_after() {
 #[tokio::test]
 async fn backstop_holds_without_the_webhook() {
     let ns = namespace("backstop").await;
-    let _operator = Operator::start(
-        &ns,
-        OperatorOptions {
-            webhook: false,
-            ..Default::default()
-        },
-    )
-    .await;
+    let _operator = Operator::start(&ns, OperatorOptions::backstop_only()).await;
     let url = v1_serving(&ns).await;
     let timeline = release_v2(&ns, &url).await;
     // Without the webhook the Deployment controller creates the first pod of the v2
@@ -397,14 +348,7 @@ async fn twenty_releases_with_the_webhook_start_no_early_pod() {
         for slot in 0..5 {
             batch.push(async move {
                 let ns = namespace(&format!("repeat-{round}-{slot}")).await;
-                let _operator = Operator::start(
-                    &ns,
-                    OperatorOptions {
-                        webhook: true,
-                        ..Default::default()
-                    },
-                )
-                .await;
+                let _operator = Operator::start(&ns, OperatorOptions::webhook()).await;
                 let url = v1_serving(&ns).await;
                 release_v2(&ns, &url).await
             });
@@ -498,14 +442,7 @@ spec:
 #[tokio::test]
 async fn check_wait_follows_the_release_fails_fast_and_times_out() {
     let ns = namespace("check-wait").await;
-    let _operator = Operator::start(
-        &ns,
-        OperatorOptions {
-            webhook: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let _operator = Operator::start(&ns, OperatorOptions::webhook()).await;
     v1_serving(&ns).await;
     let check_wait = |timeout: &'static str| {
         let kubeconfig = ns.cluster().kubeconfig_path().to_path_buf();

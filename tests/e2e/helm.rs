@@ -71,14 +71,7 @@ fn held_for(deployment: &Deployment) -> Option<&str> {
 
 async fn helm_release_flow(major: u8) {
     let ns = namespace(&format!("helm{major}")).await;
-    let _operator = Operator::start(
-        &ns,
-        OperatorOptions {
-            webhook: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let _operator = Operator::start(&ns, OperatorOptions::webhook()).await;
     prepare(ns.cluster()).await;
     let url = create_postgres_database(ns.cluster(), "pw-helm-2718").await;
     url_secret(&ns, "app-db-url", "url", &url).await;

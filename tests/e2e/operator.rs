@@ -294,14 +294,7 @@ async fn operator_restarted_while_the_job_runs_keeps_exactly_one_job() {
     })
     .await;
     operator.stop().await;
-    let _second = Operator::start(
-        &ns,
-        OperatorOptions {
-            webhook: false,
-            ..Default::default()
-        },
-    )
-    .await;
+    let _second = Operator::start(&ns, OperatorOptions::backstop_only()).await;
     wait_for(&migrations, "app-db", MIGRATION_TIMEOUT, "Ready", |m| {
         has_condition(m, "Ready", "True", "RevisionApplied")
     })
@@ -552,14 +545,7 @@ async fn drift_is_noticed_and_rollouts_are_held_again() {
 async fn a_running_job_deleted_is_a_failed_attempt_that_waits_for_a_retry() {
     use sqlx::Connection as _;
     let ns = namespace("job-deleted").await;
-    let _operator = Operator::start(
-        &ns,
-        OperatorOptions {
-            webhook: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let _operator = Operator::start(&ns, OperatorOptions::webhook()).await;
     let url = v1_serving(&ns).await;
     // Migration 0002 blocks on this lock while the test deletes its Job.
     let mut lock = sqlx::PgConnection::connect(&url).await.expect("connecting");

@@ -72,14 +72,7 @@ async fn await_metric(operator: &Operator, name: &str, value: f64) {
 #[tokio::test]
 async fn a_wiped_ca_bundle_is_repaired_within_seconds() {
     let ns = namespace("wiped-ca-bundle").await;
-    let operator = Operator::start(
-        &ns,
-        OperatorOptions {
-            webhook: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let operator = Operator::start(&ns, OperatorOptions::webhook()).await;
     let name = chart_fullname(ns.name());
     let api = webhook_config(&ns);
     let config = api.get(&name).await.expect("the configuration");
@@ -159,14 +152,7 @@ async fn the_operator_starts_without_its_webhook_configuration_and_fills_it_in_w
 #[tokio::test]
 async fn the_backstop_releases_while_the_webhook_is_unreachable() {
     let ns = namespace("webhook-unreachable").await;
-    let operator = Operator::start(
-        &ns,
-        OperatorOptions {
-            webhook: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let operator = Operator::start(&ns, OperatorOptions::webhook()).await;
     let url = v1_serving(&ns).await;
 
     // Migration 0002 waits on this lock until the webhook is broken.

@@ -168,14 +168,7 @@ async fn the_chart_admission_policy_limits_images_accounts_and_queries_per_names
 #[tokio::test]
 async fn a_migration_job_refused_by_admission_is_reported_and_tried_again() {
     let ns = namespace("job-refused").await;
-    let _operator = Operator::start(
-        &ns,
-        OperatorOptions {
-            webhook: false,
-            ..Default::default()
-        },
-    )
-    .await;
+    let _operator = Operator::start(&ns, OperatorOptions::backstop_only()).await;
     let url = create_postgres_database(ns.cluster(), "pw-refused-2231").await;
     url_secret(&ns, "app-db-url", "url", &url).await;
     let policy = format!("freeze-{}", ns.name());

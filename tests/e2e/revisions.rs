@@ -178,14 +178,7 @@ async fn setup(name: &str) -> (TestNamespace, String, Operator) {
     prepare(ns.cluster()).await;
     let url = create_postgres_database(ns.cluster(), "pw-revisions-7").await;
     url_secret(&ns, "app-db-url", "url", &url).await;
-    let operator = Operator::start(
-        &ns,
-        OperatorOptions {
-            webhook: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let operator = Operator::start(&ns, OperatorOptions::webhook()).await;
     (ns, url, operator)
 }
 

@@ -104,6 +104,21 @@ impl Write for LogWriter {
     }
 }
 
+impl OperatorOptions {
+    /// The webhook and the controllers, without leader election.
+    pub fn webhook() -> Self {
+        Self {
+            webhook: true,
+            ..Default::default()
+        }
+    }
+
+    /// The controllers alone: the backstop holds Deployments.
+    pub fn backstop_only() -> Self {
+        Self::default()
+    }
+}
+
 /// An operator running in the test's runtime, watching only the test's namespace.
 pub struct Operator {
     /// Where /metrics, /healthz and /readyz are served.
@@ -132,15 +147,7 @@ impl Operator {
     /// An operator serving its webhook while its MutatingWebhookConfiguration does not
     /// exist ([`install_webhook_config`] adds it later).
     pub async fn start_without_webhook_configuration(namespace: &TestNamespace) -> Operator {
-        Self::start_with(
-            namespace,
-            OperatorOptions {
-                webhook: true,
-                ..Default::default()
-            },
-            false,
-        )
-        .await
+        Self::start_with(namespace, OperatorOptions::webhook(), false).await
     }
 
     async fn start_with(

@@ -91,16 +91,7 @@ impl GitOpsApp {
         let cluster = cluster_with_argocd().await;
         let ns = namespace(test).await;
         let operator = if gated {
-            Some(
-                Operator::start(
-                    &ns,
-                    OperatorOptions {
-                        webhook: true,
-                        ..Default::default()
-                    },
-                )
-                .await,
-            )
+            Some(Operator::start(&ns, OperatorOptions::webhook()).await)
         } else {
             crate::support::prepare(cluster).await;
             None

@@ -186,14 +186,7 @@ async fn main() {
     let mut from_job = Vec::new();
     for run in 0..runs {
         let ns = namespace(&format!("bench-release-{run}")).await;
-        let _operator = Operator::start(
-            &ns,
-            OperatorOptions {
-                webhook: true,
-                ..Default::default()
-            },
-        )
-        .await;
+        let _operator = Operator::start(&ns, OperatorOptions::webhook()).await;
         v1_serving(&ns).await;
         let times = time_release(&ns).await;
         let released = times.released.unwrap();
@@ -220,14 +213,7 @@ async fn main() {
     // Admission latency through the API server: a dry-run create of an opted-in
     // Deployment in a namespace the webhook covers, and in one it does not.
     let covered = namespace("bench-admission").await;
-    let operator = Operator::start(
-        &covered,
-        OperatorOptions {
-            webhook: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let operator = Operator::start(&covered, OperatorOptions::webhook()).await;
     let uncovered = namespace("bench-admission-none").await;
     let deployment: Deployment = serde_json::from_value(serde_json::json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -299,14 +285,7 @@ async fn main() {
     let mut releases_with_early = 0;
     for run in 0..runs {
         let ns = namespace(&format!("bench-backstop-{run}")).await;
-        let _operator = Operator::start(
-            &ns,
-            OperatorOptions {
-                webhook: false,
-                ..Default::default()
-            },
-        )
-        .await;
+        let _operator = Operator::start(&ns, OperatorOptions::backstop_only()).await;
         let url = v1_serving(&ns).await;
         let timeline = release_v2(&ns, &url).await;
         early += timeline.early_pods;
