@@ -38,6 +38,39 @@ where
     }
 }
 
+/// Which changes of an opted-in Deployment concern its DatabaseMigration: the held ones
+/// (its status lists them) and any change of the opt-in or held label. The status churn of
+/// a Deployment that is not held (pods turning Ready, scaling) triggers no reconcile, no
+/// database connection.
+#[derive(Clone, Default)]
+struct DeploymentTriggers {
+    /// The opt-in and held labels last seen, per Deployment.
+    seen: Arc<std::sync::Mutex<std::collections::HashMap<DeploymentKey, LabelState>>>,
+}
+
+/// A Deployment's namespace and name.
+type DeploymentKey = (String, String);
+/// The DatabaseMigration it opts in to, and whether it is held.
+type LabelState = (String, bool);
+
+impl DeploymentTriggers {
+    fn migration_to_reconcile(
+        &self,
+        deployment: &Deployment,
+    ) -> Option<ObjectRef<GuardedMigration>> {
+        let namespace = deployment.namespace().unwrap_or_default();
+        let migration = deployment.labels().get(MIGRATION_LABEL)?.clone();
+        let held = deployment.labels().contains_key(HELD_LABEL);
+        let key = (namespace.clone(), deployment.name_any());
+        let state = (migration.clone(), held);
+        let changed = match self.seen.lock() {
+            Ok(mut seen) => seen.insert(key, state.clone()) != Some(state),
+            Err(_) => true,
+        };
+        (held || changed).then(|| ObjectRef::<GuardedMigration>::new(&migration).within(&namespace))
+    }
+}
+
 /// Runs both controllers until `shutdown` completes.
 pub async fn run_controllers(
     ctx: Arc<Context>,
@@ -55,14 +88,11 @@ pub async fn run_controllers(
         job::MANAGED_BY
     ));
 
+    let triggers = DeploymentTriggers::default();
     let migration_controller = migrations
         .owns(jobs, managed_jobs)
-        .watches(deployments.clone(), opted_in.clone(), |deployment| {
-            let namespace = deployment.namespace();
-            deployment.labels().get(MIGRATION_LABEL).map(|name| {
-                ObjectRef::<GuardedMigration>::new(name)
-                    .within(namespace.as_deref().unwrap_or_default())
-            })
+        .watches(deployments.clone(), opted_in.clone(), move |deployment| {
+            triggers.migration_to_reconcile(&deployment)
         })
         .with_config(Config::default().concurrency(config.concurrency))
         .graceful_shutdown_on(shutdown())
@@ -131,4 +161,75 @@ pub async fn run_controllers(
         });
 
     futures::join!(migration_controller, gate_controller, left_gate_controller);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+
+    use super::*;
+
+    fn deployment(labels: &[(&str, &str)], ready: i32) -> Deployment {
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).into()))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "labels": labels},
+            "status": {"readyReplicas": ready}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn status_churn_of_a_deployment_that_is_not_held_triggers_nothing() {
+        let triggers = DeploymentTriggers::default();
+        let opted_in = [(MIGRATION_LABEL, "app-db")];
+        let first = triggers.migration_to_reconcile(&deployment(&opted_in, 0));
+        assert_eq!(
+            first,
+            Some(ObjectRef::new("app-db").within("shop")),
+            "first seen"
+        );
+        for ready in 1..=100 {
+            assert_eq!(
+                triggers.migration_to_reconcile(&deployment(&opted_in, ready)),
+                None,
+                "pods turning Ready"
+            );
+        }
+    }
+
+    #[test]
+    fn holds_releases_and_a_new_migration_label_trigger() {
+        let triggers = DeploymentTriggers::default();
+        let opted_in = [(MIGRATION_LABEL, "app-db")];
+        let held = [(MIGRATION_LABEL, "app-db"), (HELD_LABEL, "true")];
+        triggers.migration_to_reconcile(&deployment(&opted_in, 2));
+        let expected = Some(ObjectRef::new("app-db").within("shop"));
+        assert_eq!(
+            triggers.migration_to_reconcile(&deployment(&held, 2)),
+            expected
+        );
+        // Every change of a held Deployment counts (its deletion too).
+        assert_eq!(
+            triggers.migration_to_reconcile(&deployment(&held, 1)),
+            expected
+        );
+        assert_eq!(
+            triggers.migration_to_reconcile(&deployment(&opted_in, 1)),
+            expected,
+            "released"
+        );
+        let renamed = [(MIGRATION_LABEL, "schema")];
+        assert_eq!(
+            triggers.migration_to_reconcile(&deployment(&renamed, 1)),
+            Some(ObjectRef::new("schema").within("shop"))
+        );
+        assert_eq!(
+            triggers.migration_to_reconcile(&deployment(&[], 1)),
+            None,
+            "opted out"
+        );
+    }
 }

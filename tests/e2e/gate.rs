@@ -508,3 +508,54 @@ async fn check_wait_follows_the_release_fails_fast_and_times_out() {
         "rolled out when it said so"
     );
 }
+
+/// Pods of an opted-in Deployment that is not held turning Ready (scaling 0 → 100) cost
+/// its DatabaseMigration no reconcile, so no database connection.
+#[tokio::test]
+async fn pods_turning_ready_cost_no_reconcile() {
+    let ns = namespace("quiet-churn").await;
+    let operator = Operator::start(&ns, OperatorOptions::webhook()).await;
+    v1_serving(&ns).await;
+    let churn: Deployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "churn", "labels": {"schemagate.dev/migration": "app-db"}},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"app": "churn"}},
+            "template": {
+                "metadata": {"labels": {"app": "churn"}, "annotations": {"schemagate.dev/revision": "0001"}},
+                "spec": {"containers": [{"name": "c", "image": "registry.example/churn:v1"}]}
+            }
+        }
+    }))
+    .unwrap();
+    let api: Api<Deployment> = ns.api();
+    api.create(&Default::default(), &churn).await.unwrap();
+    deployment_available(&api, "churn", TIMEOUT).await;
+    let started = "schemagate_reconciles_total{controller=\"migration\"}";
+    let finished = "schemagate_reconcile_duration_seconds_count{controller=\"migration\"}";
+    // Every reconcile started so far has finished.
+    let settled = || async {
+        loop {
+            let (s, f) = (
+                operator.metric(started).await,
+                operator.metric(finished).await,
+            );
+            if s.is_some() && s == f {
+                return s.unwrap_or_default();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    let before = settled().await;
+    api.patch(
+        "churn",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"replicas": 100}})),
+    )
+    .await
+    .unwrap();
+    deployment_available(&api, "churn", TIMEOUT).await;
+    let after = settled().await;
+    assert_eq!(after, before, "reconciles while 100 pods turned Ready");
+}
