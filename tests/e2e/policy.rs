@@ -246,3 +246,60 @@ async fn a_migration_job_refused_by_admission_is_reported_and_tried_again() {
     await_ready(&ns).await;
     assert_eq!(alembic_version(&url).await.as_deref(), Some("0001"));
 }
+
+/// What the API server answers for the operator's ServiceAccount (the chart's RBAC).
+async fn operator_can(ns: &TestNamespace, verb: &str, resource: &str, namespace: &str) -> bool {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(format!(
+                "system:serviceaccount:{}:{}",
+                ns.name(),
+                chart_fullname(ns.name())
+            )),
+            groups: Some(vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{}", ns.name()),
+                "system:authenticated".into(),
+            ]),
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(namespace.to_owned()),
+                verb: Some(verb.to_owned()),
+                resource: Some(resource.to_owned()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<SubjectAccessReview>::all(ns.cluster().client())
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("a SubjectAccessReview")
+        .status
+        .is_some_and(|s| s.allowed)
+}
+
+/// `kubectl auth can-i list secrets` as the operator: no, in every namespace, and no
+/// watch either; it reads a Secret only by name, where it serves.
+#[tokio::test]
+async fn the_operator_cannot_list_or_watch_secrets_anywhere() {
+    let ns = namespace("secrets-rbac").await;
+    let operator = Operator::start(&ns, OperatorOptions::backstop_only()).await;
+    for namespace in [ns.name(), "default", "kube-system", ""] {
+        for verb in ["list", "watch"] {
+            assert!(
+                !operator_can(&ns, verb, "secrets", namespace).await,
+                "{verb} secrets in {namespace:?}"
+            );
+        }
+    }
+    assert!(
+        operator_can(&ns, "get", "secrets", ns.name()).await,
+        "the check is meaningful: it reads a named Secret where it serves"
+    );
+    assert!(!operator_can(&ns, "get", "secrets", "kube-system").await);
+    operator.stop().await;
+}

@@ -266,6 +266,208 @@ mod tests {
         );
     }
 
+    /// A context whose store is listed and empty, and whose client is never called.
+    fn listed_context() -> Arc<Context> {
+        use kube::runtime::{reflector, watcher};
+        let (service, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = kube::Client::new(service, "default");
+        let (store, mut writer) =
+            reflector::store::<kube::core::DeserializeGuard<schemagate_crds::DatabaseMigration>>();
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        Arc::new(Context::new(
+            client,
+            store,
+            Arc::new(crate::telemetry::Metrics::default()),
+        ))
+    }
+
+    /// A random JSON value of small depth, biased to the shapes an AdmissionReview has.
+    fn value(rng: &mut fastrand::Rng, depth: u32) -> serde_json::Value {
+        use serde_json::{Value, json};
+        let words = [
+            "",
+            "true",
+            "0002",
+            "apps/v1",
+            "Deployment",
+            "schemagate.dev/migration",
+            "app-db",
+            "UPDATE",
+            "\u{0}",
+            "ü",
+        ];
+        match rng.u8(0..if depth == 0 { 5 } else { 7 }) {
+            0 => Value::Null,
+            1 => Value::Bool(rng.bool()),
+            2 => json!(rng.i64(-3..1_000_000)),
+            3 => json!(words[rng.usize(..words.len())]),
+            4 => json!(rng.f64()),
+            5 => Value::Array(
+                (0..rng.usize(0..4))
+                    .map(|_| value(rng, depth - 1))
+                    .collect(),
+            ),
+            _ => {
+                let keys = [
+                    "apiVersion",
+                    "kind",
+                    "request",
+                    "uid",
+                    "object",
+                    "oldObject",
+                    "metadata",
+                    "labels",
+                    "annotations",
+                    "spec",
+                    "paused",
+                    "template",
+                    "operation",
+                    "userInfo",
+                    "namespace",
+                ];
+                Value::Object(
+                    (0..rng.usize(0..5))
+                        .map(|_| {
+                            (
+                                keys[rng.usize(..keys.len())].to_string(),
+                                value(rng, depth - 1),
+                            )
+                        })
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    /// A well-formed review of an opted-in Deployment, with random fields changed.
+    fn review(rng: &mut fastrand::Rng) -> serde_json::Value {
+        let mut review = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "e911857d-c318-11e8-bbad-025000000001",
+                "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+                "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
+                "operation": "UPDATE", "namespace": "shop", "name": "web",
+                "userInfo": {"username": "alice"},
+                "object": {
+                    "apiVersion": "apps/v1", "kind": "Deployment",
+                    "metadata": {"name": "web", "namespace": "shop", "labels": {"schemagate.dev/migration": "app-db"}},
+                    "spec": {"selector": {}, "template": {"metadata": {"annotations": {"schemagate.dev/revision": "0002"}}, "spec": {"containers": []}}}
+                },
+                "oldObject": null
+            }
+        });
+        let paths: [&[&str]; 7] = [
+            &["request", "object", "spec", "paused"],
+            &["request", "object", "metadata", "labels"],
+            &["request", "object", "metadata", "annotations"],
+            &[
+                "request",
+                "object",
+                "spec",
+                "template",
+                "metadata",
+                "annotations",
+            ],
+            &["request", "oldObject"],
+            &["request", "operation"],
+            &["request", "userInfo"],
+        ];
+        for _ in 0..rng.usize(0..3) {
+            let path = paths[rng.usize(..paths.len())];
+            let mut slot = &mut review;
+            for key in path {
+                slot = &mut slot[*key];
+            }
+            *slot = value(rng, 3);
+        }
+        review
+    }
+
+    /// Whatever arrives, the webhook answers without panicking, and never releases: a
+    /// response either has no patch or one that pauses.
+    #[tokio::test]
+    async fn malformed_admission_reviews_never_crash_and_never_release() {
+        use tower::ServiceExt as _;
+        let ctx = listed_context();
+        let mut rng = fastrand::Rng::with_seed(0x5c4e_3a9a);
+        let (mut refused, mut patched) = (0, 0);
+        for case in 0..2_000 {
+            let body = match case % 3 {
+                0 => (0..rng.usize(0..64))
+                    .map(|_| rng.u8(..))
+                    .collect::<Vec<u8>>(),
+                1 => serde_json::to_vec(&value(&mut rng, 4)).expect("JSON"),
+                _ => serde_json::to_vec(&review(&mut rng)).expect("JSON"),
+            };
+            let request = http::Request::post(PATH)
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body.clone()))
+                .expect("a request");
+            let response = router(ctx.clone())
+                .oneshot(request)
+                .await
+                .expect("infallible");
+            let status = response.status();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .expect("a body");
+            if !status.is_success() {
+                // Refused as malformed: the API server fails the admission (failurePolicy).
+                refused += 1;
+                continue;
+            }
+            let answer: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON answer");
+            // kube writes the patch's bytes as a JSON array (the API server reads both that
+            // and base64).
+            let patch: Vec<u8> = match &answer["response"]["patch"] {
+                serde_json::Value::String(text) => base64_decode(text),
+                serde_json::Value::Array(bytes) => bytes
+                    .iter()
+                    .filter_map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+                    .collect(),
+                _ => continue,
+            };
+            patched += 1;
+            let operations: Vec<serde_json::Value> =
+                serde_json::from_slice(&patch).expect("a JSON patch");
+            for operation in &operations {
+                let paused = operation["path"] == "/spec/paused";
+                assert!(
+                    !paused || operation["value"] == true,
+                    "case {case} released: {operation} for {}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+        }
+        // Both kinds were exercised: garbage refused, and holds made.
+        assert!(
+            refused > 100 && patched > 100,
+            "refused {refused}, patched {patched}"
+        );
+    }
+
+    fn base64_decode(text: &str) -> Vec<u8> {
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut bits = 0u32;
+        let mut count = 0;
+        let mut out = Vec::new();
+        for byte in text.bytes().filter(|b| *b != b'=') {
+            let index = alphabet.iter().position(|a| *a == byte).expect("base64") as u32;
+            bits = (bits << 6) | index;
+            count += 6;
+            if count >= 8 {
+                count -= 8;
+                out.push((bits >> count) as u8);
+                bits &= (1 << count) - 1;
+            }
+        }
+        out
+    }
+
     #[tokio::test]
     async fn a_client_that_never_completes_the_handshake_is_dropped() {
         let (addr, _) = server().await;
