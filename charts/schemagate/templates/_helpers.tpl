@@ -107,12 +107,14 @@ Permissions on the namespaced objects the operator handles: cluster-wide (Cluste
 or, with watchNamespace, in that namespace only (Role).
 */}}
 {{- define "schemagate.workloadRules" -}}
+# DatabaseMigrations: watched, and read fresh before a release. Only their status is
+# written (server-side apply).
 - apiGroups: ["schemagate.dev"]
   resources: ["databasemigrations"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["schemagate.dev"]
   resources: ["databasemigrations/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 # Owner references with blockOwnerDeletion on the migration Jobs need this where the
 # OwnerReferencesPermissionEnforcement admission plugin is on (OpenShift).
 - apiGroups: ["schemagate.dev"]
@@ -125,11 +127,12 @@ or, with watchNamespace, in that namespace only (Role).
 # Migrator pods, for their termination message and why they cannot start.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-# Opted-in Deployments, paused and released by the controller.
+  verbs: ["list"]
+# Opted-in Deployments, paused and released by the controller (merge patches guarded by
+# resourceVersion).
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["list", "watch", "patch"]
 # Database URL Secrets, read by name (spec.database.urlSecretRef). Only get: the operator
 # never lists or watches Secrets. A Secret's name can be in any watched namespace, so in
 # all-namespaces mode this is cluster-wide; set watchNamespace to confine it.

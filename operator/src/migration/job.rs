@@ -35,6 +35,10 @@ pub const PURPOSE_LABEL: &str = "schemagate.dev/purpose";
 const GRAPH_DEADLINE_SECONDS: i64 = 120;
 /// A finished revision-graph Job is removed after this long: its report is in the status.
 const GRAPH_TTL_SECONDS: i32 = 600;
+/// A finished migration Job (and its pod, with the migrator's output) is removed after a
+/// week: long enough to read what it did, short enough that Jobs do not pile up. The
+/// status and its history keep the outcome; a later reconcile needs nothing of the Job.
+pub const MIGRATION_TTL_SECONDS: i32 = 7 * 24 * 3600;
 
 /// FNV-1a: stable across Rust releases and platforms, unlike `DefaultHasher`, so Job names
 /// survive operator upgrades.
@@ -155,6 +159,7 @@ pub fn build_job(migration: &DatabaseMigration) -> Job {
                     .active_deadline_seconds
                     .unwrap_or(DEFAULT_ACTIVE_DEADLINE_SECONDS),
             ),
+            ttl_seconds_after_finished: Some(MIGRATION_TTL_SECONDS),
             template: migrator_pod(
                 migrator,
                 ObjectMeta {
@@ -380,6 +385,15 @@ mod tests {
     /// Job names must survive operator upgrades: a renamed Job is a new attempt, which
     /// would re-run a failed migration nobody asked to retry. Changing these literals is a
     /// breaking change; see the note on `DatabaseMigrationSpec` about new fields.
+    #[test]
+    fn finished_jobs_do_not_pile_up() {
+        let migration = migration_from_yaml(MIGRATION);
+        let spec = build_job(&migration).spec.unwrap();
+        assert_eq!(spec.ttl_seconds_after_finished, Some(MIGRATION_TTL_SECONDS));
+        let graph = build_graph_job(&migration).spec.unwrap();
+        assert!(graph.ttl_seconds_after_finished.is_some());
+    }
+
     #[test]
     fn job_names_of_a_fixture_are_pinned() {
         let migration = migration_from_yaml(MIGRATION);
