@@ -312,7 +312,7 @@ async fn operator_restarted_while_the_job_runs_keeps_exactly_one_job() {
 #[tokio::test]
 async fn bad_input_gets_a_clear_condition_and_event() {
     let password = "pw-Secret-Leak-8841";
-    let (ns, url, _operator) = with_database_and_operator("bad-input", password, false).await;
+    let (ns, url, operator) = with_database_and_operator("bad-input", password, false).await;
     alembic(&url, &["upgrade", "head"]).await;
     let migrations: Api<DatabaseMigration> = ns.api();
     apply_migration(
@@ -450,7 +450,7 @@ async fn bad_input_gets_a_clear_condition_and_event() {
         )
         .await
         .unwrap();
-    let ready = wait_for(
+    wait_for(
         &migrations,
         "app-db",
         Duration::from_secs(60),
@@ -460,13 +460,8 @@ async fn bad_input_gets_a_clear_condition_and_event() {
     .await;
     assert!(jobs(&ns.api()).await.is_empty());
 
-    // The password appears nowhere: status, Events, Jobs, operator log.
-    let status = serde_json::to_string(&ready.status).unwrap();
-    assert!(!status.contains(password));
-    let events = serde_json::to_string(&events_for(&ns, "app-db").await).unwrap();
-    assert!(!events.contains(password), "password in Events");
-    let log = String::from_utf8_lossy(&operator_log().lock().unwrap()).to_string();
-    assert!(!log.contains(password), "password in the operator log");
+    // The password appears nowhere: status, Events, Jobs, pods, operator log, metrics.
+    assert_no_password(&ns, password, Some(&operator)).await;
 }
 
 #[tokio::test]
@@ -545,7 +540,7 @@ async fn drift_is_noticed_and_rollouts_are_held_again() {
 async fn a_running_job_deleted_is_a_failed_attempt_that_waits_for_a_retry() {
     use sqlx::Connection as _;
     let ns = namespace("job-deleted").await;
-    let _operator = Operator::start(&ns, OperatorOptions::webhook()).await;
+    let operator = Operator::start(&ns, OperatorOptions::webhook()).await;
     let url = v1_serving(&ns).await;
     // Migration 0002 blocks on this lock while the test deletes its Job.
     let mut lock = sqlx::PgConnection::connect(&url).await.expect("connecting");
@@ -605,6 +600,8 @@ async fn a_running_job_deleted_is_a_failed_attempt_that_waits_for_a_retry() {
         .unwrap();
     await_ready(&ns).await;
     assert_eq!(alembic_version(&url).await.as_deref(), Some("0002"));
+    // v1_serving's throw-away password.
+    assert_no_password(&ns, "pw-gate-1234", Some(&operator)).await;
 }
 
 /// A migrator image that cannot be pulled is named within seconds, not after a deadline:
@@ -613,8 +610,7 @@ async fn a_running_job_deleted_is_a_failed_attempt_that_waits_for_a_retry() {
 /// before the new one starts, so two attempts never overlap.
 #[tokio::test]
 async fn a_migrator_image_that_cannot_be_pulled_is_named_within_seconds() {
-    let (ns, url, _operator) =
-        with_database_and_operator("image-pull", "pw-pull-9931", false).await;
+    let (ns, url, operator) = with_database_and_operator("image-pull", "pw-pull-9931", false).await;
     let unpullable = "registry.invalid/admin-dashboard:v1";
     let applied = std::time::Instant::now();
     apply_migration(
@@ -660,6 +656,7 @@ async fn a_migrator_image_that_cannot_be_pulled_is_named_within_seconds() {
         !remaining.contains(&stuck_job),
         "the stuck Job was deleted: {remaining:?}"
     );
+    assert_no_password(&ns, "pw-pull-9931", Some(&operator)).await;
 }
 
 /// A namespace enforcing Pod Security "restricted" refuses a root migrator's pod: the
@@ -667,7 +664,7 @@ async fn a_migrator_image_that_cannot_be_pulled_is_named_within_seconds() {
 /// Security's reasons, instead of "running" until a deadline.
 #[tokio::test]
 async fn a_root_migrator_refused_by_pod_security_is_named() {
-    let (ns, _url, _operator) =
+    let (ns, _url, operator) =
         with_database_and_operator("pod-security", "pw-psa-5521", false).await;
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ns.cluster().client());
     namespaces
@@ -690,4 +687,5 @@ async fn a_root_migrator_refused_by_pod_security_is_named() {
     let message = &condition(&stalled, "Stalled").unwrap().message;
     assert!(message.contains("PodSecurity"), "{message}");
     assert!(message.contains("restricted"), "{message}");
+    assert_no_password(&ns, "pw-psa-5521", Some(&operator)).await;
 }

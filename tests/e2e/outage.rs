@@ -207,6 +207,7 @@ async fn the_backstop_releases_while_the_webhook_is_unreachable() {
     let timeline = finish_watch(stop, watch).await;
     assert_safe_release(&timeline);
     assert_eq!(alembic_version(&url).await.as_deref(), Some("0002"));
+    assert_no_password(&ns, "pw-gate-1234", Some(&operator)).await;
 
     operator.stop().await;
     let _ = configs.delete(&name, &DeleteParams::default()).await;

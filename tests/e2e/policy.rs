@@ -168,7 +168,7 @@ async fn the_chart_admission_policy_limits_images_accounts_and_queries_per_names
 #[tokio::test]
 async fn a_migration_job_refused_by_admission_is_reported_and_tried_again() {
     let ns = namespace("job-refused").await;
-    let _operator = Operator::start(&ns, OperatorOptions::backstop_only()).await;
+    let operator = Operator::start(&ns, OperatorOptions::backstop_only()).await;
     let url = create_postgres_database(ns.cluster(), "pw-refused-2231").await;
     url_secret(&ns, "app-db-url", "url", &url).await;
     let policy = format!("freeze-{}", ns.name());
@@ -245,6 +245,7 @@ async fn a_migration_job_refused_by_admission_is_reported_and_tried_again() {
     delete_policy(&ns, &policy).await;
     await_ready(&ns).await;
     assert_eq!(alembic_version(&url).await.as_deref(), Some("0001"));
+    assert_no_password(&ns, "pw-refused-2231", Some(&operator)).await;
 }
 
 /// What the API server answers for the operator's ServiceAccount (the chart's RBAC).

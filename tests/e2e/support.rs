@@ -326,8 +326,8 @@ impl Drop for Operator {
     }
 }
 
-/// The value of one series (`name` or `name{labels}`) from the /metrics at `addr`.
-pub async fn metric_at(addr: std::net::SocketAddr, series: &str) -> Option<f64> {
+/// The text of the /metrics at `addr`.
+pub async fn metrics_text(addr: std::net::SocketAddr) -> Option<String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     stream
@@ -336,6 +336,12 @@ pub async fn metric_at(addr: std::net::SocketAddr, series: &str) -> Option<f64> 
         .ok()?;
     let mut text = String::new();
     stream.read_to_string(&mut text).await.ok()?;
+    Some(text)
+}
+
+/// The value of one series (`name` or `name{labels}`) from the /metrics at `addr`.
+pub async fn metric_at(addr: std::net::SocketAddr, series: &str) -> Option<f64> {
+    let text = metrics_text(addr).await?;
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{series} ")))
         .and_then(|v| v.trim().parse().ok())
@@ -853,6 +859,83 @@ pub async fn await_event(
                 .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The password appears nowhere a user or another tool can read: any DatabaseMigration's
+/// status, any Event, Job or pod of the namespace, the operator's log and metrics.
+pub async fn assert_no_password(
+    namespace: &TestNamespace,
+    password: &str,
+    operator: Option<&Operator>,
+) {
+    use k8s_openapi::api::batch::v1::Job;
+    let list = kube::api::ListParams::default();
+    let places = [
+        (
+            "DatabaseMigrations",
+            serde_json::to_string(
+                &namespace
+                    .api::<DatabaseMigration>()
+                    .list(&list)
+                    .await
+                    .expect("listing")
+                    .items,
+            ),
+        ),
+        (
+            "Events",
+            serde_json::to_string(
+                &namespace
+                    .api::<k8s_openapi::api::events::v1::Event>()
+                    .list(&list)
+                    .await
+                    .expect("listing")
+                    .items,
+            ),
+        ),
+        (
+            "Jobs",
+            serde_json::to_string(
+                &namespace
+                    .api::<Job>()
+                    .list(&list)
+                    .await
+                    .expect("listing")
+                    .items,
+            ),
+        ),
+        (
+            "pods",
+            serde_json::to_string(
+                &namespace
+                    .api::<Pod>()
+                    .list(&list)
+                    .await
+                    .expect("listing")
+                    .items,
+            ),
+        ),
+    ];
+    for (place, text) in places {
+        assert!(
+            !text.expect("JSON").contains(password),
+            "the password is in the {place}"
+        );
+    }
+    let log = String::from_utf8_lossy(&operator_log().lock().expect("log lock")).to_string();
+    assert!(
+        !log.contains(password),
+        "the password is in the operator's log"
+    );
+    if let Some(operator) = operator {
+        let metrics = metrics_text(operator.metrics_addr)
+            .await
+            .unwrap_or_default();
+        assert!(
+            !metrics.contains(password),
+            "the password is in the metrics"
+        );
     }
 }
 
