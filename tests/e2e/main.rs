@@ -9,12 +9,13 @@
 
 mod chart;
 mod cluster;
+mod crashes;
 mod gate;
 mod helm;
 mod operator;
 mod outage;
 mod policy;
 mod probe;
-mod replicas;
+pub mod replicas;
 mod revisions;
 mod support;

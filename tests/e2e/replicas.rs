@@ -10,34 +10,56 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
-const LEASE: &str = "schemagate";
-
-/// One operator replica as its own process, with the admin's kubeconfig.
-struct Replica {
-    name: &'static str,
+/// One operator replica as its own process, as the chart's ServiceAccount with the chart's
+/// RBAC.
+pub struct Replica {
+    pub name: &'static str,
     metrics: SocketAddr,
-    child: Child,
+    pub child: Child,
 }
 
 impl Replica {
-    fn start(ns: &TestNamespace, name: &'static str) -> Replica {
+    async fn start(ns: &TestNamespace, name: &'static str) -> Replica {
+        Self::start_with(ns, name, None).await
+    }
+
+    /// With `webhook_port`, it also serves the webhook on that loopback port (certificate
+    /// in the chart's Secret, CA bundle kept in the chart's configuration, which the caller
+    /// installs with [`install_webhook_config`]). Its log goes to
+    /// `<cluster dir>/<namespace>-<name>.log`, appended across restarts.
+    pub async fn start_with(
+        ns: &TestNamespace,
+        name: &'static str,
+        webhook_port: Option<u16>,
+    ) -> Replica {
+        let kubeconfig = operator_kubeconfig(ns).await;
         let port = schemagate_testenv::cluster::free_port().expect("a free port");
         let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
         let log = ns.cluster().dir().join(format!("{}-{name}.log", ns.name()));
-        let log = std::fs::File::create(log).expect("a log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("a log file");
+        let fullname = chart_fullname(ns.name());
+        let webhook: Vec<String> = match webhook_port {
+            Some(port) => vec![
+                format!("--webhook-addr=127.0.0.1:{port}"),
+                format!("--webhook-config-name={fullname}"),
+                format!("--webhook-cert-secret={fullname}-webhook-cert"),
+                "--webhook-cert-ip=127.0.0.1".into(),
+            ],
+            None => vec!["--no-webhook".into()],
+        };
         let child = Command::new(schemagate_bin())
-            .args([
-                "run",
-                "--no-webhook",
-                "--leader-elect",
-                "--log-format",
-                "text",
-            ])
-            .args(["--leader-election-lease", LEASE])
+            .args(["run", "--leader-elect", "--log-format", "text"])
+            .args(webhook)
+            // The Lease the chart's Role grants: `<fullname>`.
+            .args(["--leader-election-lease", &fullname])
             .args(["--watch-namespace", ns.name()])
             .args(["--webhook-service-namespace", ns.name()])
             .args(["--metrics-addr", &metrics.to_string()])
-            .env("KUBECONFIG", ns.cluster().kubeconfig_path())
+            .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAME", name)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -52,11 +74,11 @@ impl Replica {
         }
     }
 
-    async fn metric(&self, series: &str) -> Option<f64> {
+    pub async fn metric(&self, series: &str) -> Option<f64> {
         metric_at(self.metrics, series).await
     }
 
-    async fn await_leading(&self, leading: bool, within: Duration) -> Duration {
+    pub async fn await_leading(&self, leading: bool, within: Duration) -> Duration {
         let started = Instant::now();
         let want = if leading { 1.0 } else { 0.0 };
         loop {
@@ -82,7 +104,7 @@ impl Replica {
 
 async fn holder(ns: &TestNamespace) -> Option<String> {
     ns.api::<Lease>()
-        .get_opt(LEASE)
+        .get_opt(&chart_fullname(ns.name()))
         .await
         .expect("reading the Lease")
         .and_then(|l| l.spec)
@@ -96,9 +118,9 @@ async fn only_the_leader_runs_the_controllers_and_another_takes_over() {
     let url = create_postgres_database(ns.cluster(), "pw-replicas-7781").await;
     url_secret(&ns, "app-db-url", "url", &url).await;
 
-    let mut a = Replica::start(&ns, "replica-a");
+    let mut a = Replica::start(&ns, "replica-a").await;
     a.await_leading(true, Duration::from_secs(60)).await;
-    let b = Replica::start(&ns, "replica-b");
+    let b = Replica::start(&ns, "replica-b").await;
     // b is up (its metrics answer) and follows.
     b.await_leading(false, Duration::from_secs(60)).await;
     assert_eq!(holder(&ns).await.as_deref(), Some("replica-a"));
@@ -135,7 +157,7 @@ async fn only_the_leader_runs_the_controllers_and_another_takes_over() {
     );
 
     // A replica that stops (SIGTERM) releases the Lease: the other takes over at once.
-    let c = Replica::start(&ns, "replica-c");
+    let c = Replica::start(&ns, "replica-c").await;
     c.await_leading(false, Duration::from_secs(60)).await;
     let pid = b.child.id().expect("replica-b's pid");
     let stopping = Instant::now();

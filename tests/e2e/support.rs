@@ -430,6 +430,48 @@ async fn apply_object(admin: &kube::Client, object: &serde_json::Value) {
 /// installation (the webhook also tells the operator's changes from everyone else's by
 /// this user name).
 async fn operator_client(namespace: &TestNamespace) -> kube::Client {
+    let token = operator_token(namespace).await;
+    namespace.cluster().client_with_token(&token)
+}
+
+/// A kubeconfig file for the chart's ServiceAccount with exactly the chart's RBAC, for an
+/// operator run as its own process.
+pub async fn operator_kubeconfig(namespace: &TestNamespace) -> PathBuf {
+    let token = operator_token(namespace).await;
+    let cluster = namespace.cluster();
+    let ca = std::fs::read(cluster.dir().join("pki/ca.crt")).expect("reading the cluster CA");
+    let ca = base64_encode(&ca);
+    let yaml = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\nusers:\n- name: operator\n  user:\n    token: {token}\ncontexts:\n- name: operator\n  context: {{cluster: local, user: operator, namespace: {}}}\ncurrent-context: operator\n",
+        cluster.api_url(),
+        namespace.name()
+    );
+    let path = cluster
+        .dir()
+        .join(format!("{}-operator.kubeconfig", namespace.name()));
+    std::fs::write(&path, yaml).expect("writing the operator's kubeconfig");
+    path
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Applies the chart's RBAC for the namespace's operator and returns a token of its
+/// ServiceAccount.
+async fn operator_token(namespace: &TestNamespace) -> String {
     use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
     use k8s_openapi::api::core::v1::ServiceAccount;
     let admin = namespace.cluster().client();
@@ -453,7 +495,7 @@ async fn operator_client(namespace: &TestNamespace) -> kube::Client {
         },
         ..Default::default()
     };
-    let token = namespace
+    namespace
         .api::<ServiceAccount>()
         .create_token_request(
             &chart_fullname(namespace.name()),
@@ -464,8 +506,7 @@ async fn operator_client(namespace: &TestNamespace) -> kube::Client {
         .expect("operator token")
         .status
         .expect("token status")
-        .token;
-    namespace.cluster().client_with_token(&token)
+        .token
 }
 
 /// The chart's webhook configuration, reaching the in-process operator by URL on loopback
