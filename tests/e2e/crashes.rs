@@ -98,6 +98,8 @@ async fn the_operator_killed_mid_migration_twenty_times() {
     install_webhook_config(&ns.cluster().client(), ns.name(), webhook_port).await;
     let mut operator = Replica::start_with(&ns, "operator", Some(webhook_port)).await;
     operator.await_leading(true, TIMEOUT).await;
+    // The API server trusts the webhook only once its CA bundle is in the configuration.
+    await_ca_bundle(&ns.cluster().client(), &chart_fullname(ns.name())).await;
 
     // Every pod of the Deployment, checked against the database when first seen.
     let pods: Api<Pod> = ns.api();

@@ -236,27 +236,7 @@ impl Operator {
     /// Waits until the operator has patched its CA bundle into the configuration and the
     /// webhook answers.
     pub async fn await_ca_bundle(&self, name: &str) {
-        let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            await_condition(
-                api,
-                name,
-                |config: Option<&MutatingWebhookConfiguration>| {
-                    config.is_some_and(|c| {
-                        c.webhooks.iter().flatten().all(|w| {
-                            w.client_config
-                                .ca_bundle
-                                .as_ref()
-                                .is_some_and(|b| !b.0.is_empty())
-                        })
-                    })
-                },
-            ),
-        )
-        .await
-        .expect("CA bundle patched in time")
-        .expect("watching the webhook configuration");
+        await_ca_bundle(&self.client, name).await;
     }
 
     /// Waits until the operator has listed the namespace's DatabaseMigrations: a dry-run
@@ -345,6 +325,31 @@ pub async fn metric_at(addr: std::net::SocketAddr, series: &str) -> Option<f64> 
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{series} ")))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits until the webhook configuration `name` has a CA bundle in every webhook.
+pub async fn await_ca_bundle(client: &kube::Client, name: &str) {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(
+            api,
+            name,
+            |config: Option<&MutatingWebhookConfiguration>| {
+                config.is_some_and(|c| {
+                    c.webhooks.iter().flatten().all(|w| {
+                        w.client_config
+                            .ca_bundle
+                            .as_ref()
+                            .is_some_and(|b| !b.0.is_empty())
+                    })
+                })
+            },
+        ),
+    )
+    .await
+    .expect("CA bundle patched in time")
+    .expect("watching the webhook configuration");
 }
 
 /// `tests/helm/build.sh`: Helm 3 from the Go module proxy, cached.

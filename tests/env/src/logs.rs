@@ -8,8 +8,23 @@ use std::path::Path;
 /// How many lines of a log a start failure shows.
 pub const LOG_TAIL_LINES: usize = 40;
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, picked at random below the kernel's
+/// ephemeral range: a port from that range (what binding port 0 gives) can be taken by any
+/// outgoing connection before the caller binds it.
 pub fn free_port() -> anyhow::Result<u16> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOWEST: u16 = 10_000;
+    if ephemeral_low > LOWEST + 1_000 {
+        for _ in 0..200 {
+            let port = fastrand::u16(LOWEST..ephemeral_low);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("binding a free port")?;
     Ok(listener.local_addr()?.port())
 }
