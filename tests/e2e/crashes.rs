@@ -161,6 +161,20 @@ async fn the_operator_killed_mid_migration_twenty_times() {
             }
             operator.child.kill().await.expect("SIGKILL");
             operator = Replica::start_with(&ns, "operator", Some(webhook_port)).await;
+            // The status may have been Ready before the kill: wait for the new process
+            // itself, leading and serving its webhook, before the next release.
+            operator.await_leading(true, TIMEOUT).await;
+            let deadline = std::time::Instant::now() + TIMEOUT;
+            while tokio::net::TcpStream::connect(("127.0.0.1", webhook_port))
+                .await
+                .is_err()
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the webhook never listened again"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         let revision = format!("r{n}");
         wait_for(
