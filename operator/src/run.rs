@@ -322,8 +322,8 @@ async fn lead(
     Ok(())
 }
 
-/// Completes when the Lease has been held by someone and then has no holder (its holder
-/// released it); pending while that cannot be watched.
+/// Completes when the Lease has no holder (its holder released it, before or while this
+/// watches); pending while it is held or cannot be watched.
 async fn released(leases: &Api<Lease>, name: &str) {
     let held = |lease: &Lease| {
         lease
@@ -339,12 +339,11 @@ async fn released(leases: &Api<Lease>, name: &str) {
     .default_backoff()
     .applied_objects();
     tokio::pin!(events);
-    let mut was_held = false;
     while let Some(event) = events.next().await {
         match event {
-            Ok(lease) if held(&lease) => was_held = true,
-            Ok(_) if was_held => return,
-            Ok(_) => {}
+            Ok(lease) if held(&lease) => {}
+            // Free, whether it was released before this watch began or while it ran.
+            Ok(_) => return,
             Err(error) => warn!(%error, "cannot watch the Lease"),
         }
     }

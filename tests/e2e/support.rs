@@ -444,34 +444,12 @@ async fn operator_client(namespace: &TestNamespace) -> kube::Client {
 pub async fn operator_kubeconfig(namespace: &TestNamespace) -> PathBuf {
     let token = operator_token(namespace).await;
     let cluster = namespace.cluster();
-    let ca = std::fs::read(cluster.dir().join("pki/ca.crt")).expect("reading the cluster CA");
-    let ca = base64_encode(&ca);
-    let yaml = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {}\n    certificate-authority-data: {ca}\nusers:\n- name: operator\n  user:\n    token: {token}\ncontexts:\n- name: operator\n  context: {{cluster: local, user: operator, namespace: {}}}\ncurrent-context: operator\n",
-        cluster.api_url(),
-        namespace.name()
-    );
     let path = cluster
         .dir()
         .join(format!("{}-operator.kubeconfig", namespace.name()));
-    std::fs::write(&path, yaml).expect("writing the operator's kubeconfig");
+    std::fs::write(&path, cluster.token_kubeconfig(&token))
+        .expect("writing the operator's kubeconfig");
     path
-}
-
-fn base64_encode(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// Applies the chart's RBAC for the namespace's operator and returns a token of its

@@ -328,13 +328,7 @@ async fn observe_job(
 /// newest pod's container waiting in one of [`CANNOT_START`], or, with no pod at all, the
 /// Job controller's `FailedCreate` Event (Pod Security admission, a quota).
 async fn why_not_started(ctx: &Context, namespace: &str, job_name: &str) -> Result<Option<String>> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    let mut list = pods
-        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")))
-        .await
-        .map_err(Error::kube(format!("list pods of Job {job_name}")))?
-        .items;
-    list.sort_by_key(|pod| pod.creation_timestamp());
+    let list = job_pods(ctx, namespace, job_name).await?;
     if let Some(pod) = list.last() {
         let status = pod.status.clone().unwrap_or_default();
         let waiting = status
@@ -382,12 +376,8 @@ pub fn scrub(text: &str, url: Option<&str>) -> String {
     crate::conditions::truncate_start(scrubbed.trim(), MESSAGE_TAIL)
 }
 
-/// The exit code and termination message of the newest pod of a Job.
-async fn termination(
-    ctx: &Context,
-    namespace: &str,
-    job_name: &str,
-) -> Result<Option<(i32, Option<String>)>> {
+/// The pods of a Job, oldest first.
+async fn job_pods(ctx: &Context, namespace: &str, job_name: &str) -> Result<Vec<Pod>> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let mut list = pods
         .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job_name}")))
@@ -395,6 +385,16 @@ async fn termination(
         .map_err(Error::kube(format!("list pods of Job {job_name}")))?
         .items;
     list.sort_by_key(|pod| pod.creation_timestamp());
+    Ok(list)
+}
+
+/// The exit code and termination message of the newest pod of a Job.
+async fn termination(
+    ctx: &Context,
+    namespace: &str,
+    job_name: &str,
+) -> Result<Option<(i32, Option<String>)>> {
+    let list = job_pods(ctx, namespace, job_name).await?;
     Ok(list.iter().rev().find_map(|pod| {
         pod.status
             .as_ref()?

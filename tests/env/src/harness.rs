@@ -247,16 +247,21 @@ impl TestCluster {
 
     /// A client that authenticates with a bearer token (e.g. from the TokenRequest API).
     pub fn client_with_token(&self, token: &str) -> kube::Client {
+        let yaml = self.token_kubeconfig(token);
+        let config = config_from_yaml(&yaml).expect("building a token kubeconfig");
+        kube::Client::try_from(config).expect("building the token client")
+    }
+
+    /// A kubeconfig (YAML) for this cluster that authenticates with a bearer token.
+    pub fn token_kubeconfig(&self, token: &str) -> String {
         let ca =
             std::fs::read_to_string(self.dir.join("pki/ca.crt")).expect("reading the cluster CA");
-        let yaml = crate::pki::kubeconfig(
+        crate::pki::kubeconfig(
             &self.api_url(),
             &ca,
             "token-user",
             crate::pki::Credentials::Token(token),
-        );
-        let config = config_from_yaml(&yaml).expect("building a token kubeconfig");
-        kube::Client::try_from(config).expect("building the token client")
+        )
     }
 
     pub fn api_url(&self) -> String {
