@@ -8,6 +8,7 @@ use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use schemagate_crds::{DatabaseMigration, HELD_FOR_ANNOTATION, REVISION_ANNOTATION};
 use schemagate_testenv::harness::{TestNamespace, deployment_available, namespace, wait_for};
+use sqlx::Connection;
 
 /// Dry-runs the manifest's Deployment until the webhook admits it without a hold.
 async fn await_admitted_unheld(ns: &TestNamespace, relative: &str) {
@@ -511,11 +512,39 @@ async fn check_wait_follows_the_release_fails_fast_and_times_out() {
 
 /// Pods of an opted-in Deployment that is not held turning Ready (scaling 0 → 100) cost
 /// its DatabaseMigration no reconcile, so no database connection.
+///
+/// The database is at the revision before the DatabaseMigration exists (golang-migrate's
+/// table, written here), so no Job ever runs: nothing but the Deployment and the
+/// DatabaseMigration could start a reconcile, and the count is compared once the operator
+/// has been idle for a while.
 #[tokio::test]
 async fn pods_turning_ready_cost_no_reconcile() {
     let ns = namespace("quiet-churn").await;
     let operator = Operator::start(&ns, OperatorOptions::webhook()).await;
-    v1_serving(&ns).await;
+    let url = create_postgres_database(ns.cluster(), "pw-churn-1234").await;
+    let mut connection = sqlx::PgConnection::connect(&url).await.expect("connecting");
+    for statement in [
+        "CREATE TABLE schema_migrations (version bigint not null primary key, dirty boolean not null)",
+        "INSERT INTO schema_migrations (version, dirty) VALUES (1, false)",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut connection)
+            .await
+            .expect(statement);
+    }
+    url_secret(&ns, "app-db-url", "url", &url).await;
+    apply_yaml(
+        &ns,
+        &app_db_yaml(
+            "{ tool: golang-migrate }",
+            "registry.example/churn:v1",
+            "[migrate, up]",
+            "1",
+            "",
+        ),
+    )
+    .await;
+    await_ready(&ns).await;
     let churn: Deployment = serde_json::from_value(serde_json::json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": "churn", "labels": {"schemagate.dev/migration": "app-db"}},
@@ -523,7 +552,7 @@ async fn pods_turning_ready_cost_no_reconcile() {
             "replicas": 0,
             "selector": {"matchLabels": {"app": "churn"}},
             "template": {
-                "metadata": {"labels": {"app": "churn"}, "annotations": {"schemagate.dev/revision": "0001"}},
+                "metadata": {"labels": {"app": "churn"}, "annotations": {"schemagate.dev/revision": "1"}},
                 "spec": {"containers": [{"name": "c", "image": "registry.example/churn:v1"}]}
             }
         }
@@ -534,20 +563,30 @@ async fn pods_turning_ready_cost_no_reconcile() {
     deployment_available(&api, "churn", TIMEOUT).await;
     let started = "schemagate_reconciles_total{controller=\"migration\"}";
     let finished = "schemagate_reconcile_duration_seconds_count{controller=\"migration\"}";
-    // Every reconcile started so far has finished.
+    // Every reconcile started so far has finished, and none started for three seconds (a
+    // status write's own watch event comes back well within that).
     let settled = || async {
+        let mut last = None;
+        let mut since = tokio::time::Instant::now();
         loop {
             let (s, f) = (
                 operator.metric(started).await,
                 operator.metric(finished).await,
             );
-            if s.is_some() && s == f {
+            if s.is_none() || s != f || s != last {
+                last = s;
+                since = tokio::time::Instant::now();
+            } else if since.elapsed() >= std::time::Duration::from_secs(3) {
                 return s.unwrap_or_default();
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     };
     let before = settled().await;
+    assert!(
+        before > 0.0,
+        "the DatabaseMigration was reconciled at least once"
+    );
     api.patch(
         "churn",
         &PatchParams::default(),
