@@ -3,7 +3,7 @@ CARGO ?= cargo
 CRD_FILE := crds/generated/databasemigrations.schemagate.dev.yaml
 CHART_CRD_FILE := charts/schemagate/crds/databasemigrations.schemagate.dev.yaml
 
-.PHONY: all build test lint unit e2e gitops bench demo demo-down crds controlplane helm argocd prerequisites image image-check
+.PHONY: all build test lint unit e2e gitops bench bench-scale demo demo-down crds controlplane helm argocd prerequisites image image-check
 
 all: build
 
@@ -65,6 +65,13 @@ demo-down:
 bench: controlplane
 	$(CARGO) build -q -p schemagate -p schemagate-testenv --bins
 	$(CARGO) run -q -p schemagate-e2e --bin schemagate-bench
+
+## bench-scale: the figures of docs/benchmarks.md "At scale" (release build of the operator;
+## sizes from SCHEMAGATE_SCALE_* variables, see tests/src/bin/bench_scale.rs).
+bench-scale: controlplane
+	$(CARGO) build -q --release -p schemagate
+	$(CARGO) build -q -p schemagate-testenv --bins
+	$(CARGO) run -q -p schemagate-e2e --bin schemagate-bench-scale
 
 ## image: the operator's OCI image, built offline with buildah into target/image (docs/install.md).
 image:

@@ -221,9 +221,16 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 }
 
 async fn client() -> Result<Client, String> {
-    Client::try_default()
+    let config = kube::Config::infer()
         .await
-        .map_err(|e| format!("cannot reach Kubernetes (KUBECONFIG or in-cluster config): {e}"))
+        .map_err(|e| format!("cannot reach Kubernetes (KUBECONFIG or in-cluster config): {e}"))?;
+    let builder = kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| format!("cannot reach Kubernetes (KUBECONFIG or in-cluster config): {e}"))?;
+    Ok(builder
+        .with_layer(&tower::util::MapRequestLayer::new(
+            crate::telemetry::count_api_request,
+        ))
+        .build())
 }
 
 /// A client and the namespace a command works in: `-n`, else the kubeconfig's.

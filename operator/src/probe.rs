@@ -18,11 +18,17 @@ mod postgres;
 mod tools;
 mod url;
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use schemagate_crds::{Engine, Tracking, TrackingTool};
 
 pub use url::{DatabaseUrl, scrub_secret};
+
+/// Connections the probe has opened (or tried to), in this process: exported as
+/// `schemagate_database_connections_total`.
+pub static CONNECTIONS: LazyLock<Counter> = LazyLock::new(Counter::default);
 
 /// How long connecting (TCP, TLS, authentication) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -225,6 +231,7 @@ pub async fn probe_revisions(
         });
     }
     let source = RevisionSource::from_tracking(tracking)?;
+    CONNECTIONS.inc();
     let probe = async {
         match engine {
             Engine::Postgres => postgres::probe(&target, &source).await,

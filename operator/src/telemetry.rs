@@ -21,6 +21,28 @@ pub struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `read` (GET: get, list, watch) or `write` (POST, PUT, PATCH, DELETE).
+    pub kind: &'static str,
+}
+
+/// Requests this process sent to the Kubernetes API server: exported as
+/// `schemagate_api_requests_total{kind="read"|"write"}`.
+pub static API_REQUESTS: std::sync::LazyLock<Family<RequestLabels, Counter>> =
+    std::sync::LazyLock::new(Family::default);
+
+/// Counts one request to the API server (a layer of the client's service stack).
+pub fn count_api_request<B>(request: http::Request<B>) -> http::Request<B> {
+    let kind = if request.method() == http::Method::GET {
+        "read"
+    } else {
+        "write"
+    };
+    API_REQUESTS.get_or_create(&RequestLabels { kind }).inc();
+    request
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GateLabels {
     /// `hold` or `release`.
     pub action: &'static str,
@@ -80,6 +102,16 @@ impl Default for Metrics {
             "webhook_configuration_ready",
             "1 while the webhook configuration exists and trusts the operator's certificate, else 0",
             webhook_configured.clone(),
+        );
+        registry.register(
+            "database_connections",
+            "Database connections the revision probe opened (one per read)",
+            crate::probe::CONNECTIONS.clone(),
+        );
+        registry.register(
+            "api_requests",
+            "Requests sent to the Kubernetes API server: reads (get, list, watch) and writes",
+            API_REQUESTS.clone(),
         );
         let leader = Gauge::default();
         registry.register(
