@@ -49,8 +49,9 @@ pub struct RunArgs {
     /// Watch only this namespace (all namespaces when empty).
     #[arg(long, env = "SCHEMAGATE_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
-    /// Reconciles running at once, per controller.
-    #[arg(long, default_value_t = 4)]
+    /// Reconciles running at once, per controller. A DatabaseMigration's reconcile holds
+    /// at most one database connection, so this also bounds the connections at once.
+    #[arg(long, default_value_t = 16)]
     pub concurrency: u16,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]

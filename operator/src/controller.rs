@@ -7,10 +7,11 @@ use crate::migration::{self, job};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::controller::{Config, Controller};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use schemagate_crds::{HELD_LABEL, MIGRATION_LABEL};
 use std::future::Future;
@@ -71,10 +72,94 @@ impl DeploymentTriggers {
     }
 }
 
+/// Drops what no controller reads from an object before it is cached: its managed fields
+/// and kubectl's last-applied configuration (a copy of the whole object). At a thousand
+/// objects that is most of a cache's memory.
+pub fn slim<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+    if let Some(annotations) = object.meta_mut().annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// What of a DatabaseMigration, when it changes, calls for a reconcile: its spec (the
+/// generation), labels, annotations (`schemagate.dev/retry`), finalizers and deletion.
+/// Not its status: the operator writes that itself at the end of a reconcile, and reading
+/// the database again because of it would double the connections for nothing.
+fn migration_trigger(migration: &GuardedMigration) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = migration.meta();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    meta.uid.hash(&mut hasher);
+    meta.generation.hash(&mut hasher);
+    meta.labels.hash(&mut hasher);
+    meta.annotations.hash(&mut hasher);
+    meta.finalizers.hash(&mut hasher);
+    meta.deletion_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// The DatabaseMigration controller, triggered by [`migration_trigger`] changes of the
+/// DatabaseMigrations themselves.
+fn migration_controller(api: Api<GuardedMigration>) -> Controller<GuardedMigration> {
+    let (reader, writer) = reflector::store();
+    let changes = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(slim)
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(migration_trigger, Default::default());
+    Controller::for_stream(changes, reader)
+}
+
+/// Migrator pods that ended, each noticed once: the database is read again as soon as a
+/// migrator's process ends, not only when the Job controller marks its Job Complete (that
+/// comes up to a second later, batched). Whether the revision is applied is still decided
+/// by that read alone.
+#[derive(Clone, Default)]
+struct MigratorPodTriggers {
+    /// UIDs of ended pods already acted on (cleared when it grows large; a repeat costs
+    /// one reconcile).
+    ended: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl MigratorPodTriggers {
+    const REMEMBERED: usize = 4096;
+
+    fn migration_to_reconcile(&self, pod: &Pod) -> Option<ObjectRef<GuardedMigration>> {
+        let owner = pod.labels().get(job::OWNER_LABEL)?;
+        let status = pod.status.as_ref()?;
+        let ended = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
+            || status
+                .container_statuses
+                .iter()
+                .flatten()
+                .any(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some()));
+        if !ended {
+            return None;
+        }
+        let first_time = match self.ended.lock() {
+            Ok(mut ended) => {
+                if ended.len() >= Self::REMEMBERED {
+                    ended.clear();
+                }
+                ended.insert(pod.uid().unwrap_or_default())
+            }
+            Err(_) => true,
+        };
+        first_time.then(|| {
+            ObjectRef::<GuardedMigration>::new(owner).within(&pod.namespace().unwrap_or_default())
+        })
+    }
+}
+
 /// Runs both controllers until `shutdown` completes.
 pub async fn run_controllers(
     ctx: Arc<Context>,
-    migrations: Controller<GuardedMigration>,
+    migrations: Api<GuardedMigration>,
     config: &ControllerConfig,
     shutdown: impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
 ) {
@@ -89,8 +174,19 @@ pub async fn run_controllers(
     ));
 
     let triggers = DeploymentTriggers::default();
-    let migration_controller = migrations
+    let pod_triggers = MigratorPodTriggers::default();
+    let pods: Api<Pod> = scoped(&client, &config.namespace);
+    let migrator_pods = watcher::Config::default().labels(&format!(
+        "{}={},{}",
+        job::MANAGED_BY_LABEL,
+        job::MANAGED_BY,
+        job::OWNER_LABEL
+    ));
+    let migration_controller = migration_controller(migrations)
         .owns(jobs, managed_jobs)
+        .watches(pods, migrator_pods, move |pod| {
+            pod_triggers.migration_to_reconcile(&pod)
+        })
         .watches(deployments.clone(), opted_in.clone(), move |deployment| {
             triggers.migration_to_reconcile(&deployment)
         })
@@ -112,7 +208,15 @@ pub async fn run_controllers(
 
     let deployments_for_holds = deployments.clone();
     let ctx_for_holds = ctx.clone();
-    let gate_controller = Controller::new(deployments, opted_in);
+    let (reader, writer) = reflector::store();
+    let gate_controller = Controller::for_stream(
+        watcher::watcher(deployments, opted_in)
+            .default_backoff()
+            .modify(slim)
+            .reflect(writer)
+            .applied_objects(),
+        reader,
+    );
     let opted_in_deployments = gate_controller.store();
     let gate_controller = gate_controller
         .watches(
@@ -230,6 +334,85 @@ mod tests {
             triggers.migration_to_reconcile(&deployment(&[], 1)),
             None,
             "opted out"
+        );
+    }
+
+    fn migration(value: serde_json::Value) -> GuardedMigration {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn a_status_write_is_no_trigger_but_spec_and_retry_are() {
+        let base = serde_json::json!({
+            "apiVersion": "schemagate.dev/v1alpha1", "kind": "DatabaseMigration",
+            "metadata": {"name": "app-db", "namespace": "shop", "uid": "u1", "generation": 1,
+                "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"database": {"engine": "postgres", "urlSecretRef": {"name": "db"}},
+                "migrator": {"image": "app:v1"}, "revision": "1"}
+        });
+        let first = migration_trigger(&migration(base.clone()));
+        let mut status = base.clone();
+        status["status"] = serde_json::json!({"appliedRevision": "1"});
+        status["metadata"]["managedFields"] = serde_json::json!([{"manager": "schemagate"}]);
+        assert_eq!(migration_trigger(&migration(status)), first, "status only");
+        let mut spec = base.clone();
+        spec["metadata"]["generation"] = 2.into();
+        assert_ne!(migration_trigger(&migration(spec)), first, "spec");
+        let mut retry = base.clone();
+        retry["metadata"]["annotations"] = serde_json::json!({"schemagate.dev/retry": "1"});
+        assert_ne!(migration_trigger(&migration(retry)), first, "retry");
+        let mut deleting = base.clone();
+        deleting["metadata"]["deletionTimestamp"] = "2026-11-30T00:00:00Z".into();
+        assert_ne!(migration_trigger(&migration(deleting)), first, "deletion");
+        let mut recreated = base;
+        recreated["metadata"]["uid"] = "u2".into();
+        assert_ne!(migration_trigger(&migration(recreated)), first, "recreated");
+    }
+
+    #[test]
+    fn slim_drops_managed_fields_and_the_last_applied_copy_only() {
+        let mut object = migration(serde_json::json!({
+            "apiVersion": "schemagate.dev/v1alpha1", "kind": "DatabaseMigration",
+            "metadata": {"name": "app-db", "namespace": "shop",
+                "managedFields": [{"manager": "kubectl"}],
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}",
+                    "schemagate.dev/retry": "2"}},
+            "spec": {"database": {"engine": "postgres", "urlSecretRef": {"name": "db"}},
+                "migrator": {"image": "app:v1"}, "revision": "1"}
+        }));
+        slim(&mut object);
+        assert!(object.meta().managed_fields.is_none());
+        assert_eq!(
+            object.meta().annotations.clone().unwrap_or_default(),
+            [("schemagate.dev/retry".to_string(), "2".to_string())].into()
+        );
+    }
+
+    #[test]
+    fn a_migrator_pod_that_ended_triggers_its_migration_once() {
+        let pod = |phase: &str, uid: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "m-1", "namespace": "shop", "uid": uid,
+                    "labels": {job::OWNER_LABEL: "app-db"}},
+                "status": {"phase": phase}
+            }))
+            .unwrap()
+        };
+        let triggers = MigratorPodTriggers::default();
+        assert_eq!(triggers.migration_to_reconcile(&pod("Running", "a")), None);
+        let expected = Some(ObjectRef::new("app-db").within("shop"));
+        assert_eq!(
+            triggers.migration_to_reconcile(&pod("Succeeded", "a")),
+            expected
+        );
+        assert_eq!(
+            triggers.migration_to_reconcile(&pod("Succeeded", "a")),
+            None,
+            "already acted on"
+        );
+        assert_eq!(
+            triggers.migration_to_reconcile(&pod("Failed", "b")),
+            expected
         );
     }
 }

@@ -15,7 +15,6 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, PostParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::WatchStreamExt as _;
-use kube::runtime::controller::Controller;
 use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{conditions, wait::await_condition, watcher};
 use kube::{Client, CustomResourceExt};
@@ -135,7 +134,7 @@ pub async fn run(
     let (store, writer) = reflector::store::<DeserializeGuard<DatabaseMigration>>();
     let reflected = reflector(
         writer,
-        watcher(migrations.clone(), watcher::Config::default()),
+        watcher(migrations.clone(), watcher::Config::default()).modify(crate::controller::slim),
     )
     .default_backoff()
     .for_each(|_| std::future::ready(()));
@@ -230,9 +229,8 @@ pub async fn run(
     match &config.leader_election {
         None => {
             info!(namespace = ?config.controller.namespace, concurrency = config.controller.concurrency, "controllers starting");
-            let controller = Controller::new(migrations, watcher::Config::default());
             ctx.metrics.leader.set(1);
-            run_controllers(ctx, controller, &config.controller, stopped).await;
+            run_controllers(ctx, migrations, &config.controller, stopped).await;
             info!("controllers stopped");
         }
         Some(election) => lead(&client, ctx, migrations, &config, election, stopped).await?,
@@ -303,8 +301,7 @@ async fn lead(
                 }
             })
         };
-        let controller = Controller::new(migrations.clone(), watcher::Config::default());
-        run_controllers(ctx.clone(), controller, &config.controller, until).await;
+        run_controllers(ctx.clone(), migrations.clone(), &config.controller, until).await;
         ctx.metrics.leader.set(0);
         if *leading.borrow() {
             info!("controllers stopped; releasing the Lease");

@@ -194,7 +194,7 @@ impl Operator {
         let config = RunConfig {
             controller: ControllerConfig {
                 namespace: Some(ns),
-                concurrency: 4,
+                concurrency: 16,
             },
             leader_election: options.leader_election.clone(),
             metrics_addr: Some(metrics_addr),

@@ -124,10 +124,11 @@ or, with watchNamespace, in that namespace only (Role).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "delete"]
-# Migrator pods, for their termination message and why they cannot start.
+# Migrator pods, for their termination message and why they cannot start, and watched
+# (label-selected) to read the database as soon as a migrator ends.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 # Opted-in Deployments, paused and released by the controller (merge patches guarded by
 # resourceVersion).
 - apiGroups: ["apps"]

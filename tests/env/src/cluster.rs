@@ -314,6 +314,11 @@ impl Cluster {
             "--bind-address=127.0.0.1".into(),
             format!("--secure-port={controller_manager_port}"),
             "--profiling=false".into(),
+            // Its client's default limit (20 requests per second) would make the
+            // scale benchmark's thousands of Deployments wait minutes for their
+            // ReplicaSets; a dedicated control plane on loopback can take more.
+            "--kube-api-qps=200".into(),
+            "--kube-api-burst=400".into(),
             "--v=1".into(),
         ];
         let controller_manager = self.spawn("kube-controller-manager", &controller_manager_args)?;

@@ -46,6 +46,53 @@ const MIGRATOR_IMAGE: &str = "registry.example/scale-migrator:v1";
 /// Requests sent at once while creating objects.
 const PARALLEL: usize = 32;
 
+/// The figures, each also printed as soon as it is measured.
+#[derive(Default)]
+struct Table(Vec<(String, String, String)>);
+
+impl Table {
+    fn push(&mut self, (figure, measured, goal): (String, String, String)) {
+        println!("figure: {figure}: {measured} (goal {goal})");
+        self.0.push((figure, measured, goal));
+    }
+
+    fn print(&self) {
+        println!();
+        println!("| figure | measured | goal |");
+        println!("|---|---|---|");
+        for (figure, measured, goal) in &self.0 {
+            println!("| {figure} | {measured} | {goal} |");
+        }
+    }
+}
+
+/// Waits until the Deployment controller has seen every Deployment of the namespace (its
+/// ReplicaSet exists, its status is current): steady state.
+async fn await_deployments_observed(api: &Api<Deployment>, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let list = api
+            .list(&Default::default())
+            .await
+            .expect("listing Deployments");
+        let observed = list
+            .items
+            .iter()
+            .filter(|d| {
+                d.status.as_ref().and_then(|s| s.observed_generation) == d.metadata.generation
+            })
+            .count();
+        if observed >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{observed} of {count} Deployments observed by the Deployment controller"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
 fn setting(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -306,7 +353,7 @@ async fn main() {
         "schemagate scale benchmark: {migrations} DatabaseMigrations (one gated Deployment each), \
          {others} other Deployments, {quiet} s steady state, {releases} releases at once"
     );
-    let mut table: Vec<(String, String, String)> = Vec::new();
+    let mut table = Table::default();
 
     let ns = namespace("scale").await;
     prepare(ns.cluster()).await;
@@ -397,6 +444,11 @@ async fn main() {
         migrations + others,
         started.elapsed().as_secs_f64()
     );
+    await_deployments_observed(&deployments, migrations + others).await;
+    println!(
+        "... and observed by the Deployment controller after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     operator.settle(Duration::from_secs(10)).await;
     table.push((
         format!(
@@ -470,6 +522,48 @@ async fn main() {
             seen
         }
     });
+    // When each DatabaseMigration's status first showed revision 2, and when each migrator
+    // pod was first seen ended: where the time goes.
+    let stages = tokio::spawn({
+        let dbms = dbms.clone();
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = ns.api();
+        async move {
+            let mut status: HashMap<String, SystemTime> = HashMap::new();
+            let mut ended: HashMap<String, SystemTime> = HashMap::new();
+            let migrations = watcher::watcher(dbms, watcher::Config::default())
+                .map(|e| e.map(futures::future::Either::Left));
+            let pods = watcher::watcher(pods, watcher::Config::default())
+                .map(|e| e.map(futures::future::Either::Right));
+            let mut stream = futures::stream::select(migrations.boxed(), pods.boxed());
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1800);
+            while status.len() < releases || ended.len() < releases {
+                let Ok(Some(event)) = tokio::time::timeout_at(deadline, stream.next()).await else {
+                    break;
+                };
+                match event {
+                    Ok(futures::future::Either::Left(Event::Apply(m))) => {
+                        let applied = m
+                            .status
+                            .as_ref()
+                            .is_some_and(|s| s.applied_revisions.iter().any(|r| r == "2"));
+                        if applied {
+                            status.entry(m.name_any()).or_insert_with(SystemTime::now);
+                        }
+                    }
+                    Ok(futures::future::Either::Right(Event::Apply(p))) => {
+                        let done =
+                            p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded");
+                        if let (true, Some(owner)) = (done, p.labels().get("schemagate.dev/owner"))
+                        {
+                            ended.entry(owner.clone()).or_insert_with(SystemTime::now);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            (status, ended)
+        }
+    });
     let template_2 = Patch::Merge(serde_json::json!({
         "spec": {"template": {"metadata": {"annotations": {"schemagate.dev/revision": "2"}}}}
     }));
@@ -509,6 +603,7 @@ async fn main() {
         started.elapsed().as_secs_f64()
     );
     let mut latencies = Vec::new();
+    let mut committed_at = Vec::new();
     for i in 0..releases {
         let at: f64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT extract(epoch FROM at)::float8 FROM {}.committed",
@@ -522,7 +617,28 @@ async fn main() {
             .unwrap()
             .as_secs_f64();
         latencies.push((released - at) * 1000.0);
+        committed_at.push(at);
     }
+    let (status_seen, pod_ended) = stages.await.unwrap();
+    let since = |at: &HashMap<String, SystemTime>, i: usize, from: f64| {
+        at.get(&schema(i)).map(|t| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64()
+                - from
+        })
+    };
+    let (mut to_pod, mut to_status) = (Vec::new(), Vec::new());
+    for (i, committed) in committed_at.iter().enumerate() {
+        to_pod.extend(since(&pod_ended, i, *committed).map(|s| s * 1000.0));
+        to_status.extend(since(&status_seen, i, *committed).map(|s| s * 1000.0));
+    }
+    let (pod50, pod99) = p50_p99(to_pod);
+    let (st50, st99) = p50_p99(to_status);
+    println!(
+        "commit → migrator pod seen Succeeded: p50 {pod50:.0} ms, p99 {pod99:.0} ms; \
+         commit → revision in the status: p50 {st50:.0} ms, p99 {st99:.0} ms"
+    );
     let (p50, p99) = p50_p99(latencies);
     table.push((
         format!(
@@ -612,7 +728,7 @@ async fn main() {
         )
         .await
         .unwrap();
-    deployment_available(&churn_deployments, churn, Duration::from_secs(60)).await;
+    deployment_available(&churn_deployments, churn, Duration::from_secs(300)).await;
     operator.settle(Duration::from_secs(3)).await;
     let reconciles = "schemagate_reconciles_total{controller=\"migration\"}";
     let (r0, c0) = (
@@ -639,12 +755,7 @@ async fn main() {
         "0, 0".into(),
     ));
 
-    println!();
-    println!("| figure | measured | goal |");
-    println!("|---|---|---|");
-    for (figure, measured, goal) in table {
-        println!("| {figure} | {measured} | {goal} |");
-    }
+    table.print();
     println!(
         "\ncontrol plane at the end (RSS MiB): {:?}",
         control_plane_mib(&ns)
