@@ -137,7 +137,10 @@ impl OperatorProcess {
             .args(["--webhook-service-namespace", ns.name()])
             .args(["--metrics-addr", &metrics.to_string()])
             .env("KUBECONFIG", &kubeconfig)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("SCHEMAGATE_SCALE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -161,8 +164,15 @@ impl OperatorProcess {
         self.metric(series).await.unwrap_or(0.0)
     }
 
-    fn rss_mib(&self) -> f64 {
-        rss_mib(self.child.id().expect("operator running"))
+    /// RSS with its parts: heap and stacks (anonymous) and the binary's pages (file).
+    fn rss(&self) -> String {
+        let pid = self.child.id().expect("operator running");
+        format!(
+            "{:.1} MiB (anonymous {:.1}, file {:.1})",
+            rss_mib(pid),
+            status_mib(pid, "RssAnon:"),
+            status_mib(pid, "RssFile:")
+        )
     }
 
     /// Waits until every reconcile started has finished and none started for `idle`.
@@ -194,10 +204,15 @@ impl OperatorProcess {
 }
 
 fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+/// A memory line of /proc/PID/status, in MiB.
+fn status_mib(pid: u32, key: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
@@ -230,6 +245,46 @@ fn control_plane_mib(ns: &TestNamespace) -> Vec<(String, f64)> {
     }
     found.sort_by(|a, b| a.0.cmp(&b.0));
     found
+}
+
+/// The API server's `apiserver_admission_webhook_admission_duration_seconds` buckets for
+/// mutating calls, summed over webhooks: (upper bound in seconds, cumulative count).
+async fn webhook_histogram(client: &kube::Client) -> Vec<(f64, f64)> {
+    let request = http::Request::get("/metrics")
+        .body(Vec::new())
+        .expect("a request");
+    let text = client
+        .request_text(request)
+        .await
+        .expect("the API server's metrics");
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in text.lines().filter(|l| {
+        l.starts_with("apiserver_admission_webhook_admission_duration_seconds_bucket{")
+            && l.contains("type=\"admit\"")
+    }) {
+        let Some((labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Some(le) = labels
+            .split("le=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+        else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or(f64::NAN)
+        };
+        let value: f64 = value.parse().unwrap_or(0.0);
+        match buckets.iter_mut().find(|(l, _)| *l == le) {
+            Some(bucket) => bucket.1 += value,
+            None => buckets.push((le, value)),
+        }
+    }
+    buckets.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+    buckets
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -365,7 +420,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     table.push((
         "operator RSS idle (CRD installed, nothing else)".into(),
-        format!("{:.1} MiB", operator.rss_mib()),
+        operator.rss(),
         "< 15 MiB".into(),
     ));
     println!("control plane idle: {:?}", control_plane_mib(&ns));
@@ -454,7 +509,7 @@ async fn main() {
         format!(
             "operator RSS with {migrations} DatabaseMigrations, {migrations} gated Deployments, {others} other Deployments"
         ),
-        format!("{:.1} MiB", operator.rss_mib()),
+        operator.rss(),
         "< 40 MiB".into(),
     ));
     println!("control plane at scale: {:?}", control_plane_mib(&ns));
@@ -482,10 +537,7 @@ async fn main() {
         ),
         "≤ 1".into(),
     ));
-    println!(
-        "operator RSS after the quiet period: {:.1} MiB",
-        operator.rss_mib()
-    );
+    println!("operator RSS after the quiet period: {}", operator.rss());
 
     // 4. Releases at once: each gated Deployment moves to revision 2 (held by the webhook),
     // then its DatabaseMigration; latency from the migrator's commit to the Deployment seen
@@ -657,6 +709,7 @@ async fn main() {
         ..Default::default()
     };
     let (mut covered_ms, mut uncovered_ms) = (Vec::new(), Vec::new());
+    let before = webhook_histogram(&client).await;
     for _ in 0..300 {
         let start = Instant::now();
         let held = deployments.create(&dry_run, &probe).await.unwrap();
@@ -670,15 +723,35 @@ async fn main() {
             .unwrap();
         uncovered_ms.push(start.elapsed().as_secs_f64() * 1000.0);
     }
+    let after = webhook_histogram(&client).await;
     let (c50, c99) = p50_p99(covered_ms);
     let (u50, u99) = p50_p99(uncovered_ms);
+    // The API server's own histogram of the webhook calls it made (TLS, the operator, the
+    // answer), for these admissions only.
+    let calls: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, n)| {
+            (
+                *le,
+                n - before.iter().find(|(l, _)| l == le).map_or(0.0, |b| b.1),
+            )
+        })
+        .collect();
+    let total = calls.last().map_or(0.0, |c| c.1);
+    let p99_bucket = calls
+        .iter()
+        .find(|(_, n)| *n >= 0.99 * total)
+        .map_or(f64::NAN, |c| c.0);
+    let under_5ms = calls
+        .iter()
+        .find(|(le, _)| (*le - 0.005).abs() < 1e-9)
+        .map_or(f64::NAN, |c| c.1);
     table.push((
-        "webhook admission latency through the API server (dry-run create, with − without webhook)"
-            .into(),
+        "webhook admission latency through the API server, release build".into(),
         format!(
-            "p50 {:.1} ms, p99 {:.1} ms (with {c50:.1}/{c99:.1}, without {u50:.1}/{u99:.1})",
-            c50 - u50,
-            c99 - u99
+            "p99 ≤ {:.0} ms by the API server's histogram ({under_5ms} of {total} calls under 5 ms); \
+             dry-run create p50/p99 {c50:.1}/{c99:.1} ms with the webhook, {u50:.1}/{u99:.1} ms without",
+            p99_bucket * 1000.0
         ),
         "p99 < 5 ms".into(),
     ));
