@@ -39,37 +39,31 @@ where
     }
 }
 
-/// Which changes of an opted-in Deployment concern its DatabaseMigration: the held ones
-/// (its status lists them) and any change of the opt-in or held label. The status churn of
-/// a Deployment that is not held (pods turning Ready, scaling) triggers no reconcile, no
-/// database connection.
-#[derive(Clone, Default)]
-struct DeploymentTriggers {
-    /// The opt-in and held labels last seen, per Deployment.
-    seen: Arc<std::sync::Mutex<std::collections::HashMap<DeploymentKey, LabelState>>>,
+/// Which changes of an opted-in Deployment concern its DatabaseMigration: any change of
+/// the opt-in or held label, and every change of a held Deployment (the status lists
+/// them). The status churn of a Deployment that is not held (pods turning Ready, scaling)
+/// triggers no reconcile, no database connection. The filter remembers a hash per
+/// Deployment, forgotten after an hour unseen (kube's predicate cache): memory stays
+/// bounded, and the first change after such an hour costs one reconcile.
+fn deployment_trigger(deployment: &Deployment) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    deployment.labels().get(MIGRATION_LABEL).hash(&mut hasher);
+    let held = deployment.labels().contains_key(HELD_LABEL);
+    held.hash(&mut hasher);
+    if held {
+        deployment.resource_version().hash(&mut hasher);
+    }
+    Some(hasher.finish())
 }
 
-/// A Deployment's namespace and name.
-type DeploymentKey = (String, String);
-/// The DatabaseMigration it opts in to, and whether it is held.
-type LabelState = (String, bool);
-
-impl DeploymentTriggers {
-    fn migration_to_reconcile(
-        &self,
-        deployment: &Deployment,
-    ) -> Option<ObjectRef<GuardedMigration>> {
-        let namespace = deployment.namespace().unwrap_or_default();
-        let migration = deployment.labels().get(MIGRATION_LABEL)?.clone();
-        let held = deployment.labels().contains_key(HELD_LABEL);
-        let key = (namespace.clone(), deployment.name_any());
-        let state = (migration.clone(), held);
-        let changed = match self.seen.lock() {
-            Ok(mut seen) => seen.insert(key, state.clone()) != Some(state),
-            Err(_) => true,
-        };
-        (held || changed).then(|| ObjectRef::<GuardedMigration>::new(&migration).within(&namespace))
-    }
+/// The DatabaseMigration an opted-in Deployment names.
+fn migration_of(deployment: &Deployment) -> Option<ObjectRef<GuardedMigration>> {
+    let migration = deployment.labels().get(MIGRATION_LABEL)?;
+    Some(
+        ObjectRef::<GuardedMigration>::new(migration)
+            .within(&deployment.namespace().unwrap_or_default()),
+    )
 }
 
 /// Drops what no controller reads from an object before it is cached: its managed fields
@@ -79,6 +73,17 @@ pub fn slim<K: Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
     if let Some(annotations) = object.meta_mut().annotations.as_mut() {
         annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// [`slim`], and for the gate's cache of opted-in Deployments also their status and pod
+/// spec: the gate reads labels, annotations, the pod template's annotations and
+/// `spec.paused`, never containers or status.
+fn slim_deployment(deployment: &mut Deployment) {
+    slim(deployment);
+    deployment.status = None;
+    if let Some(template) = deployment.spec.as_mut().map(|s| &mut s.template) {
+        template.spec = None;
     }
 }
 
@@ -113,6 +118,71 @@ fn migration_controller(api: Api<GuardedMigration>) -> Controller<GuardedMigrati
         .applied_objects()
         .predicate_filter(migration_trigger, Default::default());
     Controller::for_stream(changes, reader)
+}
+
+/// What of a migration Job the reconcile reads: its conditions (Complete, Failed and their
+/// reasons), whether its pod is ready, its start and completion times, and its deletion.
+/// The Job controller's other bookkeeping (active and terminating counts, pods not yet
+/// counted) triggers nothing.
+fn job_trigger(job: &Job) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    job.metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .hash(&mut hasher);
+    if let Some(status) = &job.status {
+        for condition in status.conditions.iter().flatten() {
+            (&condition.type_, &condition.status, &condition.reason).hash(&mut hasher);
+        }
+        (status.ready.unwrap_or(0) > 0).hash(&mut hasher);
+        status
+            .start_time
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .hash(&mut hasher);
+        status
+            .completion_time
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+/// Passes a Job on when [`job_trigger`] changed since it was last seen, and always when it
+/// is deleted (a Job deleted mid-migration is reported at once).
+#[derive(Clone, Default)]
+struct JobTriggers {
+    /// The last hash per Job UID (cleared when it grows large; a repeat costs one
+    /// reconcile).
+    seen: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+}
+
+impl JobTriggers {
+    const REMEMBERED: usize = 4096;
+
+    fn pass(&self, event: watcher::Event<Job>) -> Option<Job> {
+        let mut seen = match self.seen.lock() {
+            Ok(seen) => seen,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match event {
+            watcher::Event::Delete(job) => {
+                seen.remove(&job.uid().unwrap_or_default());
+                Some(job)
+            }
+            watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
+                if seen.len() >= Self::REMEMBERED {
+                    seen.clear();
+                }
+                let hash = job_trigger(&job);
+                (seen.insert(job.uid().unwrap_or_default(), hash) != Some(hash)).then_some(job)
+            }
+            watcher::Event::Init | watcher::Event::InitDone => None,
+        }
+    }
 }
 
 /// Migrator pods that ended, each noticed once: the database is read again as soon as a
@@ -173,7 +243,10 @@ pub async fn run_controllers(
         job::MANAGED_BY
     ));
 
-    let triggers = DeploymentTriggers::default();
+    let deployment_changes = watcher::watcher(deployments.clone(), opted_in.clone())
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(deployment_trigger, Default::default());
     let pod_triggers = MigratorPodTriggers::default();
     let pods: Api<Pod> = scoped(&client, &config.namespace);
     let migrator_pods = watcher::Config::default().labels(&format!(
@@ -182,14 +255,21 @@ pub async fn run_controllers(
         job::MANAGED_BY,
         job::OWNER_LABEL
     ));
+    let job_triggers = JobTriggers::default();
+    let job_changes = watcher::watcher(jobs, managed_jobs)
+        .default_backoff()
+        .filter_map(move |event| {
+            std::future::ready(match event {
+                Ok(event) => job_triggers.pass(event).map(Ok),
+                Err(error) => Some(Err(error)),
+            })
+        });
     let migration_controller = migration_controller(migrations)
-        .owns(jobs, managed_jobs)
+        .owns_stream(job_changes)
         .watches(pods, migrator_pods, move |pod| {
             pod_triggers.migration_to_reconcile(&pod)
         })
-        .watches(deployments.clone(), opted_in.clone(), move |deployment| {
-            triggers.migration_to_reconcile(&deployment)
-        })
+        .watches_stream(deployment_changes, |deployment| migration_of(&deployment))
         .with_config(Config::default().concurrency(config.concurrency))
         .graceful_shutdown_on(shutdown())
         .run(
@@ -212,7 +292,7 @@ pub async fn run_controllers(
     let gate_controller = Controller::for_stream(
         watcher::watcher(deployments, opted_in)
             .default_backoff()
-            .modify(slim)
+            .modify(slim_deployment)
             .reflect(writer)
             .applied_objects(),
         reader,
@@ -273,13 +353,14 @@ mod tests {
 
     use super::*;
 
-    fn deployment(labels: &[(&str, &str)], ready: i32) -> Deployment {
+    fn deployment(labels: &[(&str, &str)], ready: i32, resource_version: &str) -> Deployment {
         let labels: serde_json::Map<String, serde_json::Value> = labels
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).into()))
             .collect();
         serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "web", "namespace": "shop", "labels": labels},
+            "metadata": {"name": "web", "namespace": "shop", "labels": labels,
+                "resourceVersion": resource_version},
             "status": {"readyReplicas": ready}
         }))
         .unwrap()
@@ -287,54 +368,50 @@ mod tests {
 
     #[test]
     fn status_churn_of_a_deployment_that_is_not_held_triggers_nothing() {
-        let triggers = DeploymentTriggers::default();
         let opted_in = [(MIGRATION_LABEL, "app-db")];
-        let first = triggers.migration_to_reconcile(&deployment(&opted_in, 0));
-        assert_eq!(
-            first,
-            Some(ObjectRef::new("app-db").within("shop")),
-            "first seen"
-        );
+        let first = deployment_trigger(&deployment(&opted_in, 0, "1"));
         for ready in 1..=100 {
             assert_eq!(
-                triggers.migration_to_reconcile(&deployment(&opted_in, ready)),
-                None,
+                deployment_trigger(&deployment(&opted_in, ready, &format!("{}", ready + 1))),
+                first,
                 "pods turning Ready"
             );
         }
+        assert_eq!(
+            migration_of(&deployment(&opted_in, 0, "1")),
+            Some(ObjectRef::new("app-db").within("shop"))
+        );
     }
 
     #[test]
     fn holds_releases_and_a_new_migration_label_trigger() {
-        let triggers = DeploymentTriggers::default();
         let opted_in = [(MIGRATION_LABEL, "app-db")];
         let held = [(MIGRATION_LABEL, "app-db"), (HELD_LABEL, "true")];
-        triggers.migration_to_reconcile(&deployment(&opted_in, 2));
-        let expected = Some(ObjectRef::new("app-db").within("shop"));
-        assert_eq!(
-            triggers.migration_to_reconcile(&deployment(&held, 2)),
-            expected
-        );
+        let not_held = deployment_trigger(&deployment(&opted_in, 2, "1"));
+        let held_1 = deployment_trigger(&deployment(&held, 2, "2"));
+        assert_ne!(held_1, not_held, "held");
         // Every change of a held Deployment counts (its deletion too).
-        assert_eq!(
-            triggers.migration_to_reconcile(&deployment(&held, 1)),
-            expected
+        assert_ne!(
+            deployment_trigger(&deployment(&held, 1, "3")),
+            held_1,
+            "a change while held"
         );
         assert_eq!(
-            triggers.migration_to_reconcile(&deployment(&opted_in, 1)),
-            expected,
-            "released"
+            deployment_trigger(&deployment(&opted_in, 1, "4")),
+            not_held,
+            "released: back to the hash of an opted-in Deployment"
         );
         let renamed = [(MIGRATION_LABEL, "schema")];
+        assert_ne!(
+            deployment_trigger(&deployment(&renamed, 1, "5")),
+            not_held,
+            "another migration"
+        );
         assert_eq!(
-            triggers.migration_to_reconcile(&deployment(&renamed, 1)),
+            migration_of(&deployment(&renamed, 1, "5")),
             Some(ObjectRef::new("schema").within("shop"))
         );
-        assert_eq!(
-            triggers.migration_to_reconcile(&deployment(&[], 1)),
-            None,
-            "opted out"
-        );
+        assert_eq!(migration_of(&deployment(&[], 1, "6")), None, "opted out");
     }
 
     fn migration(value: serde_json::Value) -> GuardedMigration {
@@ -386,6 +463,69 @@ mod tests {
             object.meta().annotations.clone().unwrap_or_default(),
             [("schemagate.dev/retry".to_string(), "2".to_string())].into()
         );
+    }
+
+    #[test]
+    fn the_gate_cache_keeps_what_the_gate_reads() {
+        let mut cached: Deployment = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop",
+                "labels": {MIGRATION_LABEL: "app-db"},
+                "annotations": {"schemagate.dev/held-for": "2"},
+                "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"paused": true, "selector": {},
+                "template": {"metadata": {"annotations": {"schemagate.dev/revision": "2"}},
+                    "spec": {"containers": [{"name": "app", "image": "app:v2"}]}}},
+            "status": {"readyReplicas": 2}
+        }))
+        .unwrap();
+        let original = cached.clone();
+        slim_deployment(&mut cached);
+        assert!(cached.status.is_none() && cached.meta().managed_fields.is_none());
+        assert_eq!(cached.labels(), original.labels());
+        assert_eq!(cached.annotations(), original.annotations());
+        let spec = cached.spec.as_ref().unwrap();
+        assert_eq!(spec.paused, Some(true));
+        assert!(spec.template.spec.is_none());
+        assert_eq!(
+            spec.template.metadata,
+            original.spec.as_ref().unwrap().template.metadata
+        );
+    }
+
+    #[test]
+    fn job_bookkeeping_is_no_trigger_but_its_outcome_and_deletion_are() {
+        let job = |status: serde_json::Value| -> Job {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "app-db-1", "namespace": "shop", "uid": "j1"},
+                "status": status
+            }))
+            .unwrap()
+        };
+        let triggers = JobTriggers::default();
+        let apply = |status| watcher::Event::Apply(job(status));
+        let started = serde_json::json!({"startTime": "2026-11-30T00:00:00Z", "active": 1});
+        assert!(
+            triggers.pass(apply(started.clone())).is_some(),
+            "first seen"
+        );
+        let mut counted = started.clone();
+        counted["uncountedTerminatedPods"] = serde_json::json!({"succeeded": ["p"]});
+        counted["active"] = 0.into();
+        assert!(triggers.pass(apply(counted)).is_none(), "bookkeeping");
+        let mut complete = started;
+        complete["conditions"] = serde_json::json!([{"type": "Complete", "status": "True"}]);
+        assert!(triggers.pass(apply(complete.clone())).is_some(), "complete");
+        assert!(
+            triggers.pass(apply(complete.clone())).is_none(),
+            "no change"
+        );
+        assert!(
+            triggers
+                .pass(watcher::Event::Delete(job(complete)))
+                .is_some(),
+            "deleted"
+        );
+        assert!(triggers.pass(watcher::Event::InitDone).is_none());
     }
 
     #[test]
