@@ -10,7 +10,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::controller::{Config, Controller};
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use schemagate_crds::{HELD_LABEL, MIGRATION_LABEL};
@@ -107,17 +107,57 @@ fn migration_trigger(migration: &GuardedMigration) -> Option<u64> {
     Some(hasher.finish())
 }
 
-/// The DatabaseMigration controller, triggered by [`migration_trigger`] changes of the
-/// DatabaseMigrations themselves.
-fn migration_controller(api: Api<GuardedMigration>) -> Controller<GuardedMigration> {
-    let (reader, writer) = reflector::store();
-    let changes = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .modify(slim)
-        .reflect(writer)
-        .applied_objects()
+/// Tells the migration controller which DatabaseMigration changed in the Context's store
+/// (every replica keeps that one store for the webhook and the gate; the controller reads
+/// the same objects instead of caching a second copy).
+pub type MigrationChanges = tokio::sync::broadcast::Sender<ObjectRef<GuardedMigration>>;
+
+/// The DatabaseMigration controller over the Context's store, triggered by
+/// [`migration_trigger`] changes: every DatabaseMigration in the store when it starts (a
+/// new leader reconciles them all), then each one the store reports changed. When it
+/// falls behind the store's reports, it takes the whole store again; the filter lets
+/// through only what changed.
+fn migration_controller(
+    store: Store<GuardedMigration>,
+    changes: &MigrationChanges,
+) -> Controller<GuardedMigration> {
+    use tokio::sync::broadcast::error::RecvError;
+    // Subscribed before the snapshot is taken, so no change falls between the two.
+    let receiver = changes.subscribe();
+    let snapshot =
+        |store: &Store<GuardedMigration>| -> Vec<Result<GuardedMigration, watcher::Error>> {
+            store
+                .state()
+                .iter()
+                .map(|m| Ok(m.as_ref().clone()))
+                .collect()
+        };
+    let initial = futures::stream::iter(snapshot(&store));
+    let live = futures::stream::unfold(
+        (receiver, store.clone()),
+        move |(mut receiver, store)| async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(changed) => {
+                        if let Some(migration) = store.get(&changed) {
+                            let next = vec![Ok(migration.as_ref().clone())];
+                            return Some((next, (receiver, store)));
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        let next = snapshot(&store);
+                        return Some((next, (receiver, store)));
+                    }
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        },
+    )
+    .flat_map(futures::stream::iter);
+    let triggers = initial
+        .chain(live)
         .predicate_filter(migration_trigger, Default::default());
-    Controller::for_stream(changes, reader)
+    Controller::for_stream(triggers, store)
 }
 
 /// What of a migration Job the reconcile reads: its conditions (Complete, Failed and their
@@ -229,7 +269,7 @@ impl MigratorPodTriggers {
 /// Runs both controllers until `shutdown` completes.
 pub async fn run_controllers(
     ctx: Arc<Context>,
-    migrations: Api<GuardedMigration>,
+    migrations: &MigrationChanges,
     config: &ControllerConfig,
     shutdown: impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
 ) {
@@ -264,7 +304,7 @@ pub async fn run_controllers(
                 Err(error) => Some(Err(error)),
             })
         });
-    let migration_controller = migration_controller(migrations)
+    let migration_controller = migration_controller(ctx.migrations.clone(), migrations)
         .owns_stream(job_changes)
         .watches(pods, migrator_pods, move |pod| {
             pod_triggers.migration_to_reconcile(&pod)

@@ -3,7 +3,7 @@
 
 use crate::certs::{self, CertError, CertNames};
 use crate::context::Context;
-use crate::controller::{ControllerConfig, run_controllers};
+use crate::controller::{ControllerConfig, MigrationChanges, run_controllers};
 use crate::gate::webhook;
 use crate::telemetry::Metrics;
 use axum::Router;
@@ -129,15 +129,30 @@ pub async fn run(
         Some(namespace) => Api::namespaced(client.clone(), namespace),
         None => Api::all(client.clone()),
     };
-    // The DatabaseMigrations every replica knows, for the webhook and the gate, whether or
-    // not it runs the controllers (which keep a store of their own).
+    // The DatabaseMigrations every replica knows, for the webhook, the gate and (on the
+    // leader) the migration controller.
     let (store, writer) = reflector::store::<DeserializeGuard<DatabaseMigration>>();
+    // Each change to the store is told to the migration controller, when this replica runs
+    // it (a few hundred in flight; one that falls behind reads the whole store again).
+    let (changes, _) = tokio::sync::broadcast::channel(256);
+    let changed = changes.clone();
     let reflected = reflector(
         writer,
         watcher(migrations.clone(), watcher::Config::default()).modify(crate::controller::slim),
     )
     .default_backoff()
-    .for_each(|_| std::future::ready(()));
+    .for_each(move |event| {
+        if let Ok(
+            watcher::Event::Apply(migration)
+            | watcher::Event::InitApply(migration)
+            | watcher::Event::Delete(migration),
+        ) = event
+        {
+            // No receiver (this replica is not leading) is no error.
+            let _ = changed.send(reflector::ObjectRef::from_obj(&migration));
+        }
+        std::future::ready(())
+    });
     let stop_reflecting = stopped();
     tokio::spawn(async move {
         tokio::select! {
@@ -230,10 +245,10 @@ pub async fn run(
         None => {
             info!(namespace = ?config.controller.namespace, concurrency = config.controller.concurrency, "controllers starting");
             ctx.metrics.leader.set(1);
-            run_controllers(ctx, migrations, &config.controller, stopped).await;
+            run_controllers(ctx, &changes, &config.controller, stopped).await;
             info!("controllers stopped");
         }
-        Some(election) => lead(&client, ctx, migrations, &config, election, stopped).await?,
+        Some(election) => lead(&client, ctx, &changes, &config, election, stopped).await?,
     }
     Ok(())
 }
@@ -244,7 +259,7 @@ pub async fn run(
 async fn lead(
     client: &Client,
     ctx: Arc<Context>,
-    migrations: Api<DeserializeGuard<DatabaseMigration>>,
+    changes: &MigrationChanges,
     config: &RunConfig,
     election: &LeaderElection,
     stopped: impl Fn() -> Shutdown + Clone + Send + Sync + 'static,
@@ -301,7 +316,7 @@ async fn lead(
                 }
             })
         };
-        run_controllers(ctx.clone(), migrations.clone(), &config.controller, until).await;
+        run_controllers(ctx.clone(), changes, &config.controller, until).await;
         ctx.metrics.leader.set(0);
         if *leading.borrow() {
             info!("controllers stopped; releasing the Lease");
