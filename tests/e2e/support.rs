@@ -894,58 +894,36 @@ pub async fn assert_no_password(
     operator: Option<&Operator>,
 ) {
     use k8s_openapi::api::batch::v1::Job;
-    let list = kube::api::ListParams::default();
+    /// Every object of kind `K` in the namespace, as JSON.
+    async fn listed<K>(namespace: &TestNamespace) -> String
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+    {
+        let list = namespace
+            .api::<K>()
+            .list(&Default::default())
+            .await
+            .expect("listing");
+        serde_json::to_string(&list.items).expect("JSON")
+    }
     let places = [
         (
             "DatabaseMigrations",
-            serde_json::to_string(
-                &namespace
-                    .api::<DatabaseMigration>()
-                    .list(&list)
-                    .await
-                    .expect("listing")
-                    .items,
-            ),
+            listed::<DatabaseMigration>(namespace).await,
         ),
         (
             "Events",
-            serde_json::to_string(
-                &namespace
-                    .api::<k8s_openapi::api::events::v1::Event>()
-                    .list(&list)
-                    .await
-                    .expect("listing")
-                    .items,
-            ),
+            listed::<k8s_openapi::api::events::v1::Event>(namespace).await,
         ),
-        (
-            "Jobs",
-            serde_json::to_string(
-                &namespace
-                    .api::<Job>()
-                    .list(&list)
-                    .await
-                    .expect("listing")
-                    .items,
-            ),
-        ),
-        (
-            "pods",
-            serde_json::to_string(
-                &namespace
-                    .api::<Pod>()
-                    .list(&list)
-                    .await
-                    .expect("listing")
-                    .items,
-            ),
-        ),
+        ("Jobs", listed::<Job>(namespace).await),
+        ("pods", listed::<Pod>(namespace).await),
     ];
     for (place, text) in places {
-        assert!(
-            !text.expect("JSON").contains(password),
-            "the password is in the {place}"
-        );
+        assert!(!text.contains(password), "the password is in the {place}");
     }
     let log = String::from_utf8_lossy(&operator_log().lock().expect("log lock")).to_string();
     assert!(

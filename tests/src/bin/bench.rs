@@ -10,6 +10,8 @@
     reason = "benchmark: a failed step ends it"
 )]
 
+#[path = "../stats.rs"]
+mod stats;
 #[path = "../../e2e/support.rs"]
 #[allow(dead_code)]
 mod support;
@@ -22,6 +24,7 @@ use kube::api::PostParams;
 use kube::runtime::watcher::{self, Event};
 use schemagate_crds::{DatabaseMigration, HELD_FOR_ANNOTATION};
 use schemagate_testenv::harness::namespace;
+use stats::*;
 use std::time::Instant;
 use support::*;
 
@@ -152,14 +155,6 @@ spec:
             elapsed
         })
         .collect()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 fn summary(name: &str, mut values: Vec<f64>, unit: &str) {

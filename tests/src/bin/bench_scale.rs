@@ -22,6 +22,8 @@
     reason = "benchmark: a failed step ends it"
 )]
 
+#[path = "../stats.rs"]
+mod stats;
 #[path = "../../e2e/support.rs"]
 #[allow(dead_code)]
 mod support;
@@ -35,6 +37,7 @@ use kube::runtime::watcher::{self, Event};
 use schemagate_crds::{DatabaseMigration, HELD_FOR_ANNOTATION, MIGRATION_LABEL};
 use schemagate_testenv::harness::{TestNamespace, deployment_available, namespace};
 use sqlx::Connection;
+use stats::*;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -285,19 +288,6 @@ async fn webhook_histogram(client: &kube::Client) -> Vec<(f64, f64)> {
     }
     buckets.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
     buckets
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
-fn p50_p99(mut values: Vec<f64>) -> (f64, f64) {
-    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (percentile(&values, 50.0), percentile(&values, 99.0))
 }
 
 fn schema(i: usize) -> String {
