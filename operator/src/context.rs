@@ -31,6 +31,30 @@ pub struct Context {
     pub identity: std::sync::OnceLock<String>,
     /// Per-object backoff of failed reconciles.
     pub backoff: crate::backoff::Backoff,
+    /// Turns on databases: held from "is another migration running on it?" to the Job's
+    /// creation.
+    pub database_turns: DatabaseTurns,
+    /// The one namespace the operator watches, when it is confined to one; all otherwise.
+    pub watch_namespace: Option<String>,
+}
+
+/// Migration Jobs start one at a time per database. Only the leader starts Jobs; within it,
+/// reconciles of two DatabaseMigrations on one database take turns here, so the check for
+/// a running Job and the creation of the next one cannot interleave. Locks are shared by
+/// hash of the database key: two databases that share one merely start their Jobs one
+/// after the other, which takes milliseconds.
+#[derive(Default)]
+pub struct DatabaseTurns {
+    shards: [tokio::sync::Mutex<()>; 16],
+}
+
+impl DatabaseTurns {
+    pub async fn take(&self, database_key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let shard = database_key.bytes().fold(0usize, |hash, byte| {
+            hash.wrapping_mul(31).wrapping_add(usize::from(byte))
+        });
+        self.shards[shard % self.shards.len()].lock().await
+    }
 }
 
 impl Context {
@@ -51,6 +75,8 @@ impl Context {
             clock: Arc::new(Timestamp::now),
             identity: Default::default(),
             backoff: Default::default(),
+            database_turns: Default::default(),
+            watch_namespace: None,
         }
     }
 

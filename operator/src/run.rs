@@ -161,7 +161,10 @@ pub async fn run(
         }
     });
     let metrics = Arc::new(Metrics::default());
-    let ctx = Arc::new(Context::new(client.clone(), store, metrics));
+    let ctx = Arc::new(Context {
+        watch_namespace: config.controller.namespace.clone(),
+        ..Context::new(client.clone(), store, metrics)
+    });
     match whoami(&client).await {
         Ok(name) => {
             let _ = ctx.identity.set(name);

@@ -99,6 +99,7 @@ fn heads(revisions: &[&str]) -> AppliedRevisions {
 fn observed(database: Result<AppliedRevisions, Error>, job: Option<ObservedJob>) -> Observed {
     Observed {
         job,
+        database_key: "k".into(),
         other_active_job: None,
         stuck_earlier_job: None,
         database,

@@ -17,5 +17,6 @@ mod outage;
 mod policy;
 mod probe;
 pub mod replicas;
+mod restarts;
 mod revisions;
 mod support;

@@ -2,6 +2,8 @@
 
 use crate::context::{Context, FIELD_MANAGER};
 use crate::error::{Error, Result};
+use crate::migration::job;
+use crate::migration::observe::other_active_job;
 use crate::migration::plan::{Note, Plan};
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -9,11 +11,20 @@ use kube::runtime::events::Event;
 use kube::{Resource, ResourceExt};
 use schemagate_crds::{DatabaseMigration, DatabaseMigrationStatus};
 
+/// What became of the plan's Jobs.
+#[derive(Debug, PartialEq)]
+pub enum Applied {
+    Done,
+    /// Another migration Job on the same database started since `observe` looked (named
+    /// here): this one was not created, and waits its turn.
+    AwaitingTurn(String),
+}
+
 /// Creates the Job if the plan asks for one. The name is deterministic, so a Job that
 /// already exists (an operator restart, a second replica) is the same attempt: it is kept.
 /// Created, not applied: a Job's template is immutable, and re-applying it after an
 /// operator upgrade changed the template would fail instead of keeping the running attempt.
-pub async fn apply(ctx: &Context, migration: &DatabaseMigration, plan: &Plan) -> Result<()> {
+pub async fn apply(ctx: &Context, migration: &DatabaseMigration, plan: &Plan) -> Result<Applied> {
     if let Some(name) = &plan.delete_job {
         let namespace = migration.namespace().unwrap_or_default();
         let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -34,10 +45,23 @@ pub async fn apply(ctx: &Context, migration: &DatabaseMigration, plan: &Plan) ->
             }
         }
     }
-    for job in plan.create_graph_job.iter().chain(&plan.create_job) {
+    if let Some(job) = &plan.create_graph_job {
         create_job(ctx, migration, job).await?;
     }
-    Ok(())
+    if let Some(job) = &plan.create_job {
+        let key = job.labels().get(job::DATABASE_LABEL).cloned();
+        let key = key.unwrap_or_default();
+        // From the check to the creation, no other reconcile may start a Job on this
+        // database; the check is read fresh, as `observe`'s may be stale by now.
+        let _turn = ctx.database_turns.take(&key).await;
+        let namespace = migration.namespace().unwrap_or_default();
+        let name = job.name_any();
+        if let Some(other) = other_active_job(ctx, &namespace, &key, &name).await? {
+            return Ok(Applied::AwaitingTurn(other));
+        }
+        create_job(ctx, migration, job).await?;
+    }
+    Ok(Applied::Done)
 }
 
 async fn create_job(ctx: &Context, migration: &DatabaseMigration, job: &Job) -> Result<()> {

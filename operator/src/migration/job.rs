@@ -17,8 +17,8 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "schemagate";
 /// Label naming the DatabaseMigration a Job belongs to.
 pub const OWNER_LABEL: &str = "schemagate.dev/owner";
-/// Label identifying the database (a hash of the URL Secret reference), so that only one
-/// migration Job runs at a time against one database.
+/// Label identifying the database (a hash of its server and name, see [`database_key`]),
+/// so that only one migration Job runs at a time against one database, in any namespace.
 pub const DATABASE_LABEL: &str = "schemagate.dev/database";
 /// Annotation on the Job saying what asked for this attempt.
 pub const REQUESTED_BY_ANNOTATION: &str = "schemagate.dev/requested-by";
@@ -93,10 +93,22 @@ pub fn database_fingerprint(migration: &DatabaseMigration) -> String {
     format!("{:016x}", fnv1a(&[&database]))
 }
 
-/// Label value identifying the database of this migration within its namespace.
-pub fn database_key(migration: &DatabaseMigration) -> String {
-    let secret = &migration.spec.database.url_secret_ref;
-    format!("{:016x}", fnv1a(&[&secret.name, &secret.key]))
+/// Label value identifying the database a migration runs against, the same from every
+/// namespace: a hash of the URL's identity (engine, server, port, database; no
+/// credentials). While the URL cannot be read or parsed no Job starts, and the key falls
+/// back to the Secret reference within the namespace.
+pub fn database_key(migration: &DatabaseMigration, url: Option<&str>) -> String {
+    let namespace = migration.namespace().unwrap_or_default();
+    match url.and_then(|url| crate::probe::DatabaseUrl::parse(url).ok()) {
+        Some(url) => format!("{:016x}", fnv1a(&[&url.identity(&namespace)])),
+        None => {
+            let secret = &migration.spec.database.url_secret_ref;
+            format!(
+                "{:016x}",
+                fnv1a(&["secret", &namespace, &secret.name, &secret.key])
+            )
+        }
+    }
 }
 
 /// What asked for the current attempt, for the history: the retry annotation or the spec.
@@ -112,7 +124,8 @@ pub fn requested_by(migration: &DatabaseMigration) -> String {
 
 /// The migration Job: one container running the migrator, the database URL only through a
 /// `secretKeyRef`, Pod Security Standard "restricted" unless the resource overrides it.
-pub fn build_job(migration: &DatabaseMigration) -> Job {
+/// `database_key` labels it with the database it runs against.
+pub fn build_job(migration: &DatabaseMigration, database_key: &str) -> Job {
     let spec = &migration.spec;
     let migrator = &spec.migrator;
     let url_env = migrator
@@ -136,7 +149,7 @@ pub fn build_job(migration: &DatabaseMigration) -> Job {
     let labels = BTreeMap::from([
         (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
         (OWNER_LABEL.to_string(), migration.name_any()),
-        (DATABASE_LABEL.to_string(), database_key(migration)),
+        (DATABASE_LABEL.to_string(), database_key.to_string()),
         (PURPOSE_LABEL.to_string(), "migration".to_string()),
     ]);
     let annotations = BTreeMap::from([
@@ -388,7 +401,7 @@ mod tests {
     #[test]
     fn finished_jobs_do_not_pile_up() {
         let migration = migration_from_yaml(MIGRATION);
-        let spec = build_job(&migration).spec.unwrap();
+        let spec = build_job(&migration, "k").spec.unwrap();
         assert_eq!(spec.ttl_seconds_after_finished, Some(MIGRATION_TTL_SECONDS));
         let graph = build_graph_job(&migration).spec.unwrap();
         assert!(graph.ttl_seconds_after_finished.is_some());
@@ -412,7 +425,7 @@ mod tests {
 
     #[test]
     fn url_only_from_secret_and_restricted_by_default() {
-        let job = build_job(&migration_from_yaml(MIGRATION));
+        let job = build_job(&migration_from_yaml(MIGRATION), "k");
         let pod = job.spec.unwrap().template.spec.unwrap();
         let container = &pod.containers[0];
         let env = container.env.as_ref().unwrap();
@@ -517,7 +530,7 @@ mod tests {
 
     #[test]
     fn owned_by_the_migration() {
-        let job = build_job(&migration_from_yaml(MIGRATION));
+        let job = build_job(&migration_from_yaml(MIGRATION), "k");
         let owners = job.metadata.owner_references.unwrap();
         assert_eq!(owners[0].kind, "DatabaseMigration");
         assert_eq!(owners[0].controller, Some(true));

@@ -25,7 +25,7 @@ use crate::context::Context;
 use crate::context::GuardedMigration;
 use crate::error::{Error, Result};
 use crate::report::report;
-use apply::{apply, publish, update_status};
+use apply::{Applied, apply, publish, update_status};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use observe::observe;
@@ -34,16 +34,28 @@ use schemagate_crds::DatabaseMigration;
 use std::sync::Arc;
 use tracing::instrument;
 
+/// How soon a migration that lost the race for its database looks again.
+const TURN_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[instrument(skip_all, fields(namespace = migration.namespace(), name = migration.name_any()))]
 async fn reconcile(migration: &DatabaseMigration, ctx: &Context) -> Result<Action> {
     let observed = observe(ctx, migration).await?;
     let plan = plan(migration, observed, ctx.now());
-    if let Err(error) = apply(ctx, migration, &plan).await {
-        if matches!(error, Error::JobRejected { .. }) {
-            let status = plan::job_rejected(migration, &plan.status, &error, ctx.now());
-            update_status(ctx, migration, &status).await?;
+    match apply(ctx, migration, &plan).await {
+        Ok(Applied::Done) => {}
+        // Lost the race for the database to another reconcile: the next look finds its
+        // Job and says so in the status. Nothing was written.
+        Ok(Applied::AwaitingTurn(other)) => {
+            tracing::info!(%other, "another migration Job started on the same database first");
+            return Ok(Action::requeue(TURN_RECHECK));
         }
-        return Err(error);
+        Err(error) => {
+            if matches!(error, Error::JobRejected { .. }) {
+                let status = plan::job_rejected(migration, &plan.status, &error, ctx.now());
+                update_status(ctx, migration, &status).await?;
+            }
+            return Err(error);
+        }
     }
     update_status(ctx, migration, &plan.status).await?;
     publish(ctx, migration, &plan.notes).await;

@@ -19,7 +19,11 @@ use std::time::Duration;
 pub struct Observed {
     /// The Job of the current attempt, if it exists.
     pub job: Option<ObservedJob>,
-    /// Another migration Job still running against the same database, if any.
+    /// The database this migration runs against, as its Jobs are labelled
+    /// ([`job::database_key`]).
+    pub database_key: String,
+    /// Another migration Job still running against the same database, if any: its name, or
+    /// `namespace/name` when it runs in another namespace.
     pub other_active_job: Option<String>,
     /// An earlier attempt's Job of this DatabaseMigration that is active but never started
     /// its pod (see [`CANNOT_START`]): superseded by the current spec, safe to delete.
@@ -112,14 +116,18 @@ pub async fn observe(ctx: &Context, migration: &DatabaseMigration) -> Result<Obs
         Some(found) => Some(observe_job(ctx, &namespace, &found, url.as_deref().ok()).await?),
         None => None,
     };
+    let database_key = job::database_key(migration, url.as_deref().ok());
     let other_active_job = if job.is_none() {
-        other_active_job(&jobs, migration, &job_name).await?
+        other_active_job(ctx, &namespace, &database_key, &job_name).await?
     } else {
         None
     };
     let stuck_earlier_job = match &other_active_job {
-        Some(other) => stuck_earlier_job(ctx, &jobs, &namespace, migration, other).await?,
-        None => None,
+        // In this namespace: maybe an earlier attempt of this same resource.
+        Some(other) if !other.contains('/') => {
+            stuck_earlier_job(ctx, &jobs, &namespace, migration, other).await?
+        }
+        _ => None,
     };
     let database = match url {
         Ok(url) => probe_with_timeout(migration, &url).await,
@@ -129,6 +137,7 @@ pub async fn observe(ctx: &Context, migration: &DatabaseMigration) -> Result<Obs
     let graph_job = observe_graph_job(ctx, &jobs, &namespace, migration).await?;
     Ok(Observed {
         job,
+        database_key,
         other_active_job,
         stuck_earlier_job,
         database,
@@ -409,10 +418,14 @@ async fn termination(
     }))
 }
 
-/// Another migration Job of this namespace still running against the same database.
-async fn other_active_job(
-    jobs: &Api<Job>,
-    migration: &DatabaseMigration,
+/// Another migration Job, in any namespace, still running against the same database: its
+/// name, or `namespace/name` when it is in another namespace. Read from the API server, not
+/// a cache, so a Job created a moment ago by another reconcile is seen. An operator
+/// confined to one namespace sees that namespace only.
+pub async fn other_active_job(
+    ctx: &Context,
+    namespace: &str,
+    database_key: &str,
     job_name: &str,
 ) -> Result<Option<String>> {
     let selector = format!(
@@ -420,8 +433,12 @@ async fn other_active_job(
         job::MANAGED_BY_LABEL,
         job::MANAGED_BY,
         job::DATABASE_LABEL,
-        job::database_key(migration)
+        database_key
     );
+    let jobs: Api<Job> = match &ctx.watch_namespace {
+        Some(watched) => Api::namespaced(ctx.client.clone(), watched),
+        None => Api::all(ctx.client.clone()),
+    };
     let list = jobs
         .list(&ListParams::default().labels(&selector))
         .await
@@ -430,7 +447,9 @@ async fn other_active_job(
         .items
         .into_iter()
         // A Job being deleted still counts until it is gone: its pod may still run.
-        .filter(|other| other.name_any() != job_name)
+        .filter(|other| {
+            other.name_any() != job_name || other.namespace().as_deref() != Some(namespace)
+        })
         .find(|other| {
             let finished = other
                 .status
@@ -443,7 +462,10 @@ async fn other_active_job(
                 });
             !finished
         })
-        .map(|other| other.name_any()))
+        .map(|other| match other.namespace() {
+            Some(theirs) if theirs != namespace => format!("{theirs}/{}", other.name_any()),
+            _ => other.name_any(),
+        }))
 }
 
 /// `other` when it is an earlier attempt of this same DatabaseMigration, not being deleted

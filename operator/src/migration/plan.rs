@@ -105,6 +105,7 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
         status: previous.clone(),
         notes: Vec::new(),
         create_graph_job: None,
+        database_key: observed.database_key.clone(),
         now,
     };
     draft.status.observed_generation = migration.metadata.generation;
@@ -323,6 +324,7 @@ struct Draft<'a> {
     status: DatabaseMigrationStatus,
     notes: Vec<Note>,
     create_graph_job: Option<Job>,
+    database_key: String,
     now: Timestamp,
 }
 
@@ -665,7 +667,7 @@ impl Draft<'_> {
     }
 
     fn start_job(mut self, reported: &str) -> Plan {
-        let job = job::build_job(self.migration);
+        let job = job::build_job(self.migration, &self.database_key);
         let name = job.metadata.name.clone().unwrap_or_default();
         let revision = &self.migration.spec.revision;
         let message = format!(
@@ -807,6 +809,7 @@ mod tests {
     fn observed(database: Result<AppliedRevisions, Error>, job: Option<ObservedJob>) -> Observed {
         Observed {
             job,
+            database_key: "k".into(),
             other_active_job: None,
             stuck_earlier_job: None,
             database,

@@ -85,7 +85,8 @@ async fn expect_job_and_deployment_reads(handle: &mut ApiHandle) {
         |_| not_found("job"),
     )
     .await;
-    expect(handle, "GET", "/apis/batch/v1/namespaces/prod/jobs", |_| {
+    // Other migration Jobs on the same database, in every namespace.
+    expect(handle, "GET", "/apis/batch/v1/jobs", |_| {
         json(200, serde_json::json!({"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}))
     })
     .await;

@@ -455,3 +455,54 @@ fn every_tool_has_a_query_and_a_default_table() {
     assert!(tools::is_head_only(TrackingTool::GolangMigrate));
     assert!(!tools::is_head_only(TrackingTool::Flyway));
 }
+
+#[test]
+fn identity_names_the_server_and_database_without_credentials() {
+    let identity = |url: &str, namespace: &str| {
+        url::DatabaseUrl::parse(url)
+            .expect("valid URL")
+            .identity(namespace)
+    };
+    let shop = "postgres://db.shop:5432/app";
+    // Every spelling of one Service, any user, options and SQLAlchemy driver.
+    for url in [
+        "postgres://app:pw@db:5432/app",
+        "postgresql+psycopg2://other:pw2@db.shop/app?sslmode=require",
+        "postgres://app@db.shop.svc:5432/app",
+        "postgres://app:pw@DB.shop.svc.cluster.local.:5432/app",
+    ] {
+        assert_eq!(identity(url, "shop"), shop, "{url}");
+        assert!(!identity(url, "shop").contains("pw"));
+    }
+    // The same short name in another namespace is another Service.
+    assert_eq!(
+        identity("postgres://app:pw@db/app", "billing"),
+        "postgres://db.billing:5432/app"
+    );
+    // A name written with its namespace is the same from any namespace.
+    assert_eq!(identity("postgres://app:pw@db.shop/app", "billing"), shop);
+    // Another database on the same server, another port, another engine: not the same.
+    assert_ne!(identity("postgres://app:pw@db/other", "shop"), shop);
+    assert_ne!(identity("postgres://app:pw@db:5433/app", "shop"), shop);
+    assert_eq!(
+        identity("mariadb://app:pw@db/app", "shop"),
+        "mysql://db.shop:3306/app"
+    );
+    // Loopback is one server, whatever it is called; addresses and outside names stay.
+    assert_eq!(
+        identity("postgres://a:pw@127.0.0.1:5432/app", "x"),
+        identity("postgres://b:pw@localhost/app", "y")
+    );
+    assert_eq!(
+        identity("mysql://a:pw@[::1]:3306/app", "x"),
+        "mysql://localhost:3306/app"
+    );
+    assert_eq!(
+        identity("mysql://a:pw@10.0.0.7/app", "x"),
+        "mysql://10.0.0.7:3306/app"
+    );
+    assert_eq!(
+        identity("postgres://a:pw@db.example.com/app", "x"),
+        "postgres://db.example.com:5432/app"
+    );
+}

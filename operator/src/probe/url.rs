@@ -25,6 +25,8 @@ pub struct DatabaseUrl {
     engine: Engine,
     sqlx_url: String,
     database: Option<String>,
+    host: String,
+    port: Option<u16>,
 }
 
 impl DatabaseUrl {
@@ -86,13 +88,16 @@ impl DatabaseUrl {
             }
             None => authority,
         };
-        let port = if let Some(bracketed) = host_port.strip_prefix('[') {
-            let Some((_, after)) = bracketed.split_once(']') else {
+        let (host, port) = if let Some(bracketed) = host_port.strip_prefix('[') {
+            let Some((host, after)) = bracketed.split_once(']') else {
                 return Err(invalid("its IPv6 host lacks the closing ]"));
             };
-            after.strip_prefix(':')
+            (host, after.strip_prefix(':'))
         } else {
-            host_port.rsplit_once(':').map(|(_, port)| port)
+            match host_port.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (host_port, None),
+            }
         };
         if let Some(port) = port.filter(|p| !p.is_empty())
             && !matches!(port.parse::<u16>(), Ok(1..))
@@ -117,6 +122,8 @@ impl DatabaseUrl {
             engine,
             sqlx_url: format!("{sqlx_scheme}://{rest}"),
             database,
+            host: host.to_ascii_lowercase(),
+            port: port.and_then(|p| p.parse().ok()),
         })
     }
 
@@ -128,6 +135,25 @@ impl DatabaseUrl {
     /// The database named in the URL's path, if any.
     pub fn database(&self) -> Option<&str> {
         self.database.as_deref()
+    }
+
+    /// Which database server and database this URL names, seen from a pod of `namespace`,
+    /// with no credentials: `postgres://db.shop:5432/app`. Two URLs with the same identity
+    /// reach the same database whatever user, options or spelling of the Service name they
+    /// use (`db`, `db.shop`, `db.shop.svc`, `db.shop.svc.cluster.local` in namespace
+    /// `shop`), so migrations of it take turns across namespaces.
+    pub fn identity(&self, namespace: &str) -> String {
+        let engine = match self.engine {
+            Engine::Postgres => "postgres",
+            Engine::Mysql => "mysql",
+        };
+        let port = self.port.unwrap_or(match self.engine {
+            Engine::Postgres => 5432,
+            Engine::Mysql => 3306,
+        });
+        let database = self.database.as_deref().unwrap_or_default();
+        let host = canonical_host(&self.host, namespace);
+        format!("{engine}://{host}:{port}/{database}")
     }
 
     /// The URL with the scheme sqlx understands. Secret: never log it.
@@ -143,6 +169,27 @@ impl fmt::Debug for DatabaseUrl {
             .field("engine", &self.engine)
             .field("database", &self.database)
             .finish_non_exhaustive()
+    }
+}
+
+/// A host name as the cluster's DNS resolves it from a pod of `namespace`: a Service's
+/// short name gains the namespace, the cluster domain is dropped, loopback is one name.
+/// Only the default cluster domain is known; a host spelled with another one still works,
+/// it is just not recognised as the same server as its short name.
+fn canonical_host(host: &str, namespace: &str) -> String {
+    let host = host.trim_end_matches('.');
+    if host.is_empty() || host == "localhost" || host == "::1" || host.starts_with("127.") {
+        return "localhost".to_string();
+    }
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return host.to_string();
+    }
+    let host = host.strip_suffix(".cluster.local").unwrap_or(host);
+    let host = host.strip_suffix(".svc").unwrap_or(host);
+    if host.contains('.') {
+        host.to_string()
+    } else {
+        format!("{host}.{namespace}")
     }
 }
 

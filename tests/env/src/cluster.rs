@@ -162,6 +162,8 @@ pub struct Cluster {
     postgres: Option<DatabaseServer>,
     mariadb: Option<DatabaseServer>,
     started_in: Duration,
+    /// For [`Cluster::restart_apiserver`].
+    apiserver_args: Vec<String>,
 }
 
 impl Cluster {
@@ -188,6 +190,7 @@ impl Cluster {
             postgres: None,
             mariadb: None,
             started_in: Duration::ZERO,
+            apiserver_args: Vec::new(),
         };
         let databases = start_databases(cluster.dir.join("db"), options.databases);
         let (control_plane, databases) =
@@ -277,6 +280,7 @@ impl Cluster {
             "--v=1".into(),
         ];
         let apiserver = self.spawn("kube-apiserver", &apiserver_args)?;
+        self.apiserver_args = apiserver_args;
 
         let admin_kubeconfig = pki::kubeconfig(
             &server,
@@ -365,9 +369,14 @@ impl Cluster {
 
     fn spawn(&mut self, name: &'static str, args: &[String]) -> Result<usize, StartError> {
         let log_path = self.dir.join("logs").join(format!("{name}.log"));
-        let log = std::fs::File::create(&log_path).map_err(|e| {
-            StartError::new(name, format!("creating {}: {e}", log_path.display()), None)
-        })?;
+        // Appended: a restarted component's log follows its earlier run's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| {
+                StartError::new(name, format!("creating {}: {e}", log_path.display()), None)
+            })?;
         let log_err = log
             .try_clone()
             .map_err(|e| StartError::new(name, format!("duplicating log handle: {e}"), None))?;
@@ -445,6 +454,35 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Kills the kube-apiserver (SIGKILL: no graceful end of watches or requests), keeps it
+    /// down for `down`, and starts it again on the same port with the same etcd. Returns
+    /// once it is ready again.
+    pub async fn restart_apiserver(&mut self, down: Duration) -> Result<(), StartError> {
+        let index = self
+            .components
+            .iter()
+            .position(|c| c.name == "kube-apiserver")
+            .ok_or_else(|| StartError::new("kube-apiserver", "not running", None))?;
+        let mut old = self.components.remove(index);
+        let _ = old.child.start_kill();
+        let _ = old.child.wait().await;
+        tokio::time::sleep(down).await;
+        let args = self.apiserver_args.clone();
+        let apiserver = self.spawn("kube-apiserver", &args)?;
+        let client = admin_client(&self.kubeconfig)
+            .await
+            .map_err(|e| StartError::new("kube-apiserver", format!("{e:#}"), None))?;
+        self.wait_ready(apiserver, Duration::from_secs(90), || {
+            apiserver_ready(&client)
+        })
+        .await
+    }
+
+    /// The PostgreSQL server, to restart it.
+    pub fn postgres_mut(&mut self) -> Option<&mut DatabaseServer> {
+        self.postgres.as_mut()
     }
 
     /// Waits until a control-plane process exits on its own; returns its name and status.

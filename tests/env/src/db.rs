@@ -99,6 +99,10 @@ pub struct DatabaseServer {
     supervisor_stdin: Option<ChildStdin>,
     /// Whether stopping removes `dir` (not while a start is retried in it).
     owns_dir: bool,
+    /// The server's command line, for [`DatabaseServer::restart`].
+    command: Vec<String>,
+    /// Stdins of supervisors that ended in a restart.
+    retired_stdins: Vec<ChildStdin>,
 }
 
 impl DatabaseServer {
@@ -287,6 +291,39 @@ impl DatabaseServer {
         self.port
     }
 
+    /// Takes the server down as a crash or a failover would: every connection is cut at
+    /// once (PostgreSQL's fast shutdown, MariaDB's shutdown), nothing listens on the port
+    /// while it is down, and it comes back on the same port with the same data. Returns
+    /// once it accepts connections again; `down` is how long the port stays closed.
+    pub async fn restart(&mut self, down: Duration) -> anyhow::Result<()> {
+        let pid = read_pid(&self.dir.join("server.pid")).context("the server's pid")?;
+        let status = Command::new("kill")
+            .args(["-s", self.flavor.stop_signal(), "--", &pid])
+            .status()?;
+        ensure!(status.success(), "signalling the server ({pid}) failed");
+        // The server exiting on a signal that did not come through the supervisor ends the
+        // supervisor and keeps the directory. Its stdin stays open: closing it would mark
+        // the directory for removal. It closes when the process ends.
+        self.retired_stdins.extend(self.supervisor_stdin.take());
+        if let Some(mut supervisor) = self.supervisor.take() {
+            tokio::task::spawn_blocking(move || wait_with_timeout(&mut supervisor, STOP_TIMEOUT))
+                .await?
+                .context("the server did not stop")?;
+        }
+        tokio::time::sleep(down).await;
+        let mut supervisor = spawn_supervisor(self.flavor, &self.dir, &self.command)
+            .context("restarting the supervisor")?;
+        self.supervisor_stdin = supervisor.stdin.take();
+        self.supervisor = Some(supervisor);
+        wait_until_ready(self).await.with_context(|| {
+            format!(
+                "the {} server did not come back; last lines of its log:\n{}",
+                self.flavor.name(),
+                log_tail(&self.dir.join("server.log"))
+            )
+        })
+    }
+
     /// Stops the server and removes its directory, and waits for both. A server that does
     /// not stop within 20 s is killed. Idempotent.
     pub fn stop(&mut self) {
@@ -391,18 +428,8 @@ async fn start_supervised(
     loop {
         attempt += 1;
         let port = free_port()?;
-        let spawned = Command::new("sh")
-            .arg("-c")
-            .arg(SUPERVISOR)
-            .arg("schemagate-db-supervisor")
-            .arg(dir)
-            .arg(flavor.stop_signal())
-            .arg(&log)
-            .args(server_command(port))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
+        let command = server_command(port);
+        let spawned = spawn_supervisor(flavor, dir, &command);
         let mut supervisor = match spawned {
             Ok(supervisor) => supervisor,
             Err(error) => {
@@ -418,6 +445,8 @@ async fn start_supervised(
             supervisor_stdin: supervisor.stdin.take(),
             supervisor: Some(supervisor),
             owns_dir: true,
+            command,
+            retired_stdins: Vec::new(),
         };
         let Err(error) = wait_until_ready(&mut server).await else {
             return Ok(server);
@@ -444,6 +473,23 @@ async fn start_supervised(
             dir.display()
         )));
     }
+}
+
+/// The server under its supervisor (see [`SUPERVISOR`]), its output appended to
+/// `dir/server.log`.
+fn spawn_supervisor(flavor: Flavor, dir: &Path, command: &[String]) -> std::io::Result<Child> {
+    Command::new("sh")
+        .arg("-c")
+        .arg(SUPERVISOR)
+        .arg("schemagate-db-supervisor")
+        .arg(dir)
+        .arg(flavor.stop_signal())
+        .arg(dir.join("server.log"))
+        .args(command)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
 }
 
 async fn wait_until_ready(server: &mut DatabaseServer) -> anyhow::Result<()> {

@@ -5,7 +5,9 @@
 //!
 //! Scale tricks (stated in docs/benchmarks.md beside the figures): every DatabaseMigration
 //! has its own schema (its own golang-migrate table) and its own Secret, all in one
-//! PostgreSQL database; the other Deployments have 0 replicas. Sizes come from the
+//! PostgreSQL database, except the ones released at once: each of those has a database of
+//! its own, as migrations of one database take turns; the other Deployments have 0
+//! replicas. Sizes come from the
 //! environment:
 //!
 //! | variable | default |
@@ -415,10 +417,22 @@ async fn main() {
     ));
     println!("control plane idle: {:?}", control_plane_mib(&ns));
 
-    // The databases: one schema and one Secret per DatabaseMigration, at revision 1.
+    // The databases: one schema and one Secret per DatabaseMigration, at revision 1. The
+    // ones released at once each get a database of their own: migrations of one database
+    // take turns, and these are to run side by side.
     let url = create_postgres_database(ns.cluster(), "pw-scale-5521").await;
     let mut db = sqlx::PgConnection::connect(&url).await.expect("connecting");
-    for chunk in (0..migrations).collect::<Vec<_>>().chunks(100) {
+    let mut release_urls = Vec::new();
+    for i in 0..releases {
+        let own = create_postgres_database(ns.cluster(), "pw-scale-5521").await;
+        let mut conn = sqlx::PgConnection::connect(&own).await.expect("connecting");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(schema_sql(i)))
+            .execute(&mut conn)
+            .await
+            .expect("creating a schema");
+        release_urls.push(own);
+    }
+    for chunk in (releases..migrations).collect::<Vec<_>>().chunks(100) {
         let sql: String = chunk.iter().map(|i| schema_sql(*i)).collect();
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(&mut db)
@@ -436,7 +450,13 @@ async fn main() {
             name: Some(schema(i)),
             ..Default::default()
         },
-        string_data: Some([("url".to_string(), url.clone())].into()),
+        string_data: Some(
+            [(
+                "url".to_string(),
+                release_urls.get(i).unwrap_or(&url).clone(),
+            )]
+            .into(),
+        ),
         ..Default::default()
     })
     .await;
@@ -646,12 +666,13 @@ async fn main() {
     );
     let mut latencies = Vec::new();
     let mut committed_at = Vec::new();
-    for i in 0..releases {
+    for (i, own) in release_urls.iter().enumerate() {
+        let mut conn = sqlx::PgConnection::connect(own).await.expect("connecting");
         let at: f64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT extract(epoch FROM at)::float8 FROM {}.committed",
             schema(i)
         )))
-        .fetch_one(&mut db)
+        .fetch_one(&mut conn)
         .await
         .expect("the migrator recorded its commit");
         let released = seen[&format!("gated-{i:05}")]

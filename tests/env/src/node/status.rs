@@ -420,15 +420,37 @@ impl PodRun {
     }
 
     /// A merge patch of the pod's status. A pod that is already gone is not an error.
+    /// Like a kubelet's status manager, it keeps trying while the API server cannot be
+    /// reached or fails (a restart, an overload): a status lost here would leave the pod
+    /// Running forever in the API, and its Job never finished. Gives up after
+    /// [`STATUS_RETRY_LIMIT`], with a warning.
     async fn patch(&self, patch: serde_json::Value) {
-        match self
-            .api
-            .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(e) => tracing::warn!(pod = %self.name, error = %e, "writing pod status failed"),
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(100);
+        loop {
+            let error = match self
+                .api
+                .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => return,
+                Err(kube::Error::Api(status)) if status.code == 404 => return,
+                Err(kube::Error::Api(status)) if status.code < 500 && status.code != 429 => {
+                    tracing::warn!(pod = %self.name, error = %status, "writing pod status was refused");
+                    return;
+                }
+                Err(error) => error,
+            };
+            if started.elapsed() > STATUS_RETRY_LIMIT {
+                tracing::warn!(pod = %self.name, %error, "writing pod status failed; giving up");
+                return;
+            }
+            tracing::info!(pod = %self.name, %error, "writing pod status failed; trying again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(2));
         }
     }
 }
+
+/// How long a pod status write is retried while the API server cannot take it.
+const STATUS_RETRY_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
