@@ -120,7 +120,8 @@ or, with watchNamespace, in that namespace only (Role).
 - apiGroups: ["schemagate.dev"]
   resources: ["databasemigrations/finalizers"]
   verbs: ["update"]
-# Migration Jobs.
+# Migration Jobs; listed in every watched namespace so that migrations of one database
+# take turns across namespaces.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "delete"]
