@@ -13,7 +13,7 @@ use kube::runtime::controller::{Config, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use schemagate_crds::{HELD_LABEL, MIGRATION_LABEL};
+use schemagate_crds::{HELD_LABEL, MIGRATION_LABEL, condition, reason};
 use std::future::Future;
 use std::sync::Arc;
 use tracing::warn;
@@ -266,6 +266,38 @@ impl MigratorPodTriggers {
     }
 }
 
+/// Whether a Job is Complete or Failed.
+fn job_finished(job: &Job) -> bool {
+    job.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+        })
+}
+
+/// The DatabaseMigrations waiting for another migration of their database to end: when a
+/// migration Job finishes, they look again at once rather than at their next recheck.
+fn waiting_for_turn(store: &Store<GuardedMigration>) -> Vec<ObjectRef<GuardedMigration>> {
+    store
+        .state()
+        .iter()
+        .filter(|guarded| {
+            guarded.0.as_ref().is_ok_and(|migration| {
+                migration.status.as_ref().is_some_and(|status| {
+                    status.conditions.iter().any(|c| {
+                        c.type_ == condition::READY
+                            && c.reason == reason::WAITING_FOR_OTHER_MIGRATION
+                    })
+                })
+            })
+        })
+        .map(|guarded| ObjectRef::from_obj(guarded.as_ref()))
+        .collect()
+}
+
 /// Runs both controllers until `shutdown` completes.
 pub async fn run_controllers(
     ctx: Arc<Context>,
@@ -304,8 +336,22 @@ pub async fn run_controllers(
                 Err(error) => Some(Err(error)),
             })
         });
+    let store = ctx.migrations.clone();
     let migration_controller = migration_controller(ctx.migrations.clone(), migrations)
-        .owns_stream(job_changes)
+        .watches_stream(job_changes, move |job| {
+            // Its owner; and when it finished (or went), those waiting for their turn.
+            let owner = job
+                .owner_references()
+                .iter()
+                .find(|o| o.kind == "DatabaseMigration")
+                .map(|o| ObjectRef::new(&o.name).within(&job.namespace().unwrap_or_default()));
+            let waiting = if job_finished(&job) || job.metadata.deletion_timestamp.is_some() {
+                waiting_for_turn(&store)
+            } else {
+                Vec::new()
+            };
+            owner.into_iter().chain(waiting)
+        })
         .watches(pods, migrator_pods, move |pod| {
             pod_triggers.migration_to_reconcile(&pod)
         })
@@ -593,6 +639,35 @@ mod tests {
         assert_eq!(
             triggers.migration_to_reconcile(&pod("Failed", "b")),
             expected
+        );
+    }
+
+    #[test]
+    fn only_migrations_waiting_for_their_turn_are_woken_when_a_job_finishes() {
+        let migration = |name: &str, reason: &str| -> GuardedMigration {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "schemagate.dev/v1alpha1",
+                "kind": "DatabaseMigration",
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"revision": "2", "database": {"engine": "postgres",
+                    "urlSecretRef": {"name": "db", "key": "url"},
+                    "tracking": {"tool": "flyway"}},
+                    "migrator": {"image": "m:1"}},
+                "status": {"conditions": [{"type": "Ready", "status": "False", "reason": reason,
+                    "message": "m", "lastTransitionTime": "2026-11-30T00:00:00Z"}]}
+            }))
+            .unwrap()
+        };
+        let (store, mut writer) = reflector::store::<GuardedMigration>();
+        for (name, reason) in [
+            ("waits", reason::WAITING_FOR_OTHER_MIGRATION),
+            ("runs", reason::MIGRATION_RUNNING),
+        ] {
+            writer.apply_watcher_event(&watcher::Event::Apply(migration(name, reason)));
+        }
+        assert_eq!(
+            waiting_for_turn(&store),
+            vec![ObjectRef::new("waits").within("shop")]
         );
     }
 }
