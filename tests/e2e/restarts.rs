@@ -32,6 +32,8 @@ const FIELD_MANAGER: &str = "schemagate-e2e";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_wide_operator_survives_api_server_and_database_restarts() {
+    // The operator's log is captured, to be searched for passwords at the end.
+    operator_log();
     let dir = std::env::temp_dir().join(format!("schemagate-e2e-restarts-{}", std::process::id()));
     let mut options = ClusterOptions::new(&dir);
     options.databases = Databases {
@@ -57,13 +59,19 @@ async fn cluster_wide_operator_survives_api_server_and_database_restarts() {
     // The operator: every namespace, the webhook for namespace `gated`.
     let port = schemagate_testenv::cluster::free_port().expect("a free port");
     install_webhook_config(&client, "gated", port).await;
+    let metrics_addr: std::net::SocketAddr = format!(
+        "127.0.0.1:{}",
+        schemagate_testenv::cluster::free_port().expect("a free port")
+    )
+    .parse()
+    .expect("address");
     let config = RunConfig {
         controller: ControllerConfig {
             namespace: None,
             concurrency: 16,
         },
         leader_election: None,
-        metrics_addr: None,
+        metrics_addr: Some(metrics_addr),
         webhook: Some(WebhookSettings {
             addr: format!("127.0.0.1:{port}").parse().expect("address"),
             certificate: CertificateSource::Managed {
@@ -106,6 +114,13 @@ async fn cluster_wide_operator_survives_api_server_and_database_restarts() {
         !operator.is_finished(),
         "the operator lived through the database's restart"
     );
+
+    let passwords = [password_of(&shared), password_of(&gated), "pw-other-7731"];
+    assert_no_password_anywhere(&client, &passwords).await;
+    let metrics = metrics_text(metrics_addr).await.expect("the metrics");
+    for password in passwords {
+        assert!(!metrics.contains(password), "a password is in the metrics");
+    }
 
     operator.abort();
     cluster.stop().await;
@@ -403,12 +418,7 @@ async fn database_restart_while_probing(
         reasons.iter().any(|r| r.starts_with("Database")),
         "the status said the database could not be read: {reasons:?}"
     );
-    let password = url
-        .split_once("://")
-        .and_then(|(_, rest)| rest.split_once('@'))
-        .and_then(|(userinfo, _)| userinfo.split_once(':'))
-        .map(|(_, password)| password)
-        .expect("the URL has a password");
+    let password = password_of(url);
     assert!(
         !message.is_empty() && !message.contains(password),
         "the message names the problem without the password: {message}"
@@ -428,6 +438,82 @@ async fn database_restart_while_probing(
     await_ready_at(dbms, "3", Duration::from_secs(120)).await;
     await_released(deployments, "3", Duration::from_secs(120)).await;
     assert_released_after_commit(url, &client, "3").await;
+}
+
+fn password_of(url: &str) -> &str {
+    url.split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, password)| password)
+        .expect("the URL has a password")
+}
+
+/// None of the passwords is in a DatabaseMigration, Event, Job or pod of the test's
+/// namespaces, nor in the operator's log.
+async fn assert_no_password_anywhere(client: &Client, passwords: &[&str]) {
+    use k8s_openapi::api::events::v1::Event;
+    for ns in ["team-a", "team-b", "gated"] {
+        let lp = ListParams::default();
+        let places = [
+            (
+                "DatabaseMigrations",
+                serde_json::to_string(
+                    &Api::<DatabaseMigration>::namespaced(client.clone(), ns)
+                        .list(&lp)
+                        .await
+                        .expect("listing")
+                        .items,
+                ),
+            ),
+            (
+                "Events",
+                serde_json::to_string(
+                    &Api::<Event>::namespaced(client.clone(), ns)
+                        .list(&lp)
+                        .await
+                        .expect("listing")
+                        .items,
+                ),
+            ),
+            (
+                "Jobs",
+                serde_json::to_string(
+                    &Api::<Job>::namespaced(client.clone(), ns)
+                        .list(&lp)
+                        .await
+                        .expect("listing")
+                        .items,
+                ),
+            ),
+            (
+                "pods",
+                serde_json::to_string(
+                    &Api::<Pod>::namespaced(client.clone(), ns)
+                        .list(&lp)
+                        .await
+                        .expect("listing")
+                        .items,
+                ),
+            ),
+        ];
+        for (place, text) in places {
+            let text = text.expect("JSON");
+            for password in passwords {
+                assert!(
+                    !text.contains(password),
+                    "a password is in the {place} of {ns}"
+                );
+            }
+        }
+    }
+    let log = String::from_utf8_lossy(&operator_log().lock().expect("log lock")).to_string();
+    assert!(!log.is_empty(), "the operator's log was captured");
+    for password in passwords {
+        assert!(
+            !log.contains(password),
+            "a password is in the operator's log"
+        );
+    }
 }
 
 /// The migrator's SQL: golang-migrate's version moves to `revision`, and the commit time is
