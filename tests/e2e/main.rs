@@ -12,6 +12,7 @@ mod cluster;
 mod crashes;
 mod gate;
 mod helm;
+mod images;
 mod operator;
 mod outage;
 mod policy;

@@ -825,6 +825,7 @@ async fn register_image(client: &Client, image: &str, dir: &std::path::Path) {
         dir: dir.to_path_buf(),
         path_prefix: None,
         entrypoint: None,
+        oci: None,
     };
     let config_map: ConfigMap = entry.to_config_map().expect("an image map entry");
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), IMAGES_NAMESPACE);

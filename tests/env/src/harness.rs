@@ -318,7 +318,19 @@ impl TestCluster {
             dir: dir.to_path_buf(),
             path_prefix: path_prefix.map(str::to_owned),
             entrypoint: entrypoint.map(|e| e.iter().map(|s| (*s).to_owned()).collect()),
+            oci: None,
         };
+        self.register(&entry).await;
+    }
+
+    /// Registers (or replaces) an image-map entry whose pods run inside the image of an OCI
+    /// layout: `reference` is `LAYOUT_DIR:TAG` (docs/testing.md, "Images from OCI layouts").
+    pub async fn register_oci_image(&self, image: &str, reference: &str) {
+        self.register(&ImageEntry::oci(image, reference)).await;
+    }
+
+    async fn register(&self, entry: &ImageEntry) {
+        let image = &entry.image;
         let config_map = entry.to_config_map().expect("building the image map entry");
         let name = config_map
             .metadata

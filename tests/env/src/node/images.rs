@@ -3,7 +3,9 @@
 //! One ConfigMap per image in namespace [`IMAGES_NAMESPACE`], labelled
 //! `schemagate.dev/test-image=true`, with data keys `image` (the exact reference), `dir`
 //! (working directory), optional `path` (colon-separated PATH prefix) and optional
-//! `entrypoint` (JSON array, used when the container has no `command`).
+//! `entrypoint` (JSON array, used when the container has no `command`). An entry with
+//! `oci` (`LAYOUT_DIR:TAG`) runs the container inside that image instead (see
+//! [`super::oci`]); `dir`, `path` and `entrypoint` do not apply to it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,6 +23,21 @@ pub struct ImageEntry {
     pub dir: PathBuf,
     pub path_prefix: Option<String>,
     pub entrypoint: Option<Vec<String>>,
+    /// An OCI layout and tag (`LAYOUT_DIR:TAG`) whose root filesystem the container runs in.
+    pub oci: Option<String>,
+}
+
+impl ImageEntry {
+    /// An image run from an OCI layout: `reference` is `LAYOUT_DIR:TAG`.
+    pub fn oci(image: &str, reference: &str) -> Self {
+        Self {
+            image: image.to_owned(),
+            dir: PathBuf::from("/"),
+            path_prefix: None,
+            entrypoint: None,
+            oci: Some(reference.to_owned()),
+        }
+    }
 }
 
 impl ImageEntry {
@@ -34,6 +51,9 @@ impl ImageEntry {
         }
         if let Some(entrypoint) = &self.entrypoint {
             data.insert("entrypoint".to_owned(), serde_json::to_string(entrypoint)?);
+        }
+        if let Some(oci) = &self.oci {
+            data.insert("oci".to_owned(), oci.clone());
         }
         Ok(ConfigMap {
             metadata: ObjectMeta {
@@ -60,14 +80,19 @@ impl ImageEntry {
             })?),
             None => None,
         };
+        let oci = field("oci");
+        let dir = match (field("dir"), &oci) {
+            (Some(dir), _) => dir,
+            (None, Some(_)) => "/".to_owned(),
+            (None, None) => anyhow::bail!("image map entry {name} has no `dir`"),
+        };
         Ok(Self {
             image: field("image")
                 .with_context(|| format!("image map entry {name} has no `image`"))?,
-            dir: PathBuf::from(
-                field("dir").with_context(|| format!("image map entry {name} has no `dir`"))?,
-            ),
+            dir: PathBuf::from(dir),
             path_prefix: field("path"),
             entrypoint,
+            oci,
         })
     }
 }
@@ -140,8 +165,12 @@ mod tests {
             dir: PathBuf::from("/srv/web"),
             path_prefix: Some("/opt/bin".into()),
             entrypoint: Some(vec!["python3".into(), "-m".into(), "http.server".into()]),
+            oci: None,
         };
         let config_map = entry.to_config_map().unwrap();
         assert_eq!(ImageEntry::from_config_map(&config_map).unwrap(), entry);
+        let image = ImageEntry::oci("example/op:1", "/srv/image/oci:1");
+        let config_map = image.to_config_map().unwrap();
+        assert_eq!(ImageEntry::from_config_map(&config_map).unwrap(), image);
     }
 }

@@ -12,6 +12,7 @@
 mod addresses;
 mod env;
 pub mod images;
+mod oci;
 mod process;
 mod status;
 mod volumes;

@@ -17,8 +17,10 @@ use tokio::process::{Child, Command};
 
 use super::env::{self, ConfigError, Sources, expand};
 use super::images::ImageEntry;
+use super::oci;
 use super::volumes::{self, VolumeContext, sanitize};
 use crate::pki;
+use std::os::unix::fs::PermissionsExt as _;
 
 /// Kubelet limits for termination messages.
 const MESSAGE_MAX_BYTES: usize = 4096;
@@ -166,6 +168,17 @@ async fn prepare_container(
     let container_dir = penv.pod_dir.join(sanitize(&container.name));
     std::fs::create_dir_all(&container_dir)
         .map_err(|e| ConfigError(format!("creating {}: {e}", container_dir.display())))?;
+    if let Some(reference) = entry.and_then(|e| e.oci.as_deref()) {
+        return prepare_oci_container(
+            penv,
+            container,
+            reference,
+            &container_dir,
+            volume_paths,
+            sources,
+        )
+        .await;
+    }
 
     // Base environment: what a container would get from its image and the kubelet.
     let node_path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
@@ -289,6 +302,186 @@ async fn prepare_container(
         argv,
         env,
         cwd,
+        log_path: container_dir.join("output.log"),
+        termination_log,
+        fallback_to_logs: container.termination_message_policy.as_deref()
+            == Some("FallbackToLogsOnError"),
+        readiness_port: readiness_port(container),
+    })
+}
+
+/// A container of an image from an OCI layout: it runs in a copy of the image's root
+/// filesystem, as the user the pod and image ask for, with the pod's volumes, its
+/// termination-log file and the host's `/etc/hosts` and `/etc/resolv.conf` mounted into
+/// it, the root read-only when `readOnlyRootFilesystem` says so. The environment is the
+/// image's plus what a kubelet adds; no kubeconfig.
+async fn prepare_oci_container(
+    penv: &PodEnvironment<'_>,
+    container: &Container,
+    reference: &str,
+    container_dir: &Path,
+    volume_paths: &HashMap<String, PathBuf>,
+    sources: &mut Sources,
+) -> Result<Launch, ConfigError> {
+    let pod = penv.pod;
+    let cache = penv
+        .pod_dir
+        .parent()
+        .and_then(Path::parent)
+        .map_or_else(|| penv.pod_dir.join("images"), |node| node.join("images"));
+    let image = oci::unpack(reference, &cache)
+        .await
+        .map_err(|e| ConfigError(format!("image {reference}: {e:#}")))?;
+    let (uid, gid) = oci::user(pod, container, &image)?;
+
+    let rootfs = container_dir.join("rootfs");
+    let _ = std::fs::remove_dir_all(&rootfs);
+    let copied = tokio::process::Command::new("cp")
+        .arg("-a")
+        .arg(&image.rootfs)
+        .arg(&rootfs)
+        .status()
+        .await
+        .map_err(|e| ConfigError(format!("copying the image's root filesystem: {e}")))?;
+    if !copied.success() {
+        return Err(ConfigError(
+            "copying the image's root filesystem failed".into(),
+        ));
+    }
+
+    let mut base: Vec<(String, String)> = image.env.clone();
+    if !base.iter().any(|(k, _)| k == "PATH") {
+        base.push((
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ));
+    }
+    if !base.iter().any(|(k, _)| k == "HOME") {
+        base.push(("HOME".into(), "/".into()));
+    }
+    base.extend([
+        (
+            "HOSTNAME".to_owned(),
+            pod.metadata.name.clone().unwrap_or_default(),
+        ),
+        ("KUBERNETES_SERVICE_HOST".to_owned(), "127.0.0.1".to_owned()),
+        (
+            "KUBERNETES_SERVICE_PORT".to_owned(),
+            penv.apiserver_port.to_string(),
+        ),
+        (
+            "KUBERNETES_SERVICE_PORT_HTTPS".to_owned(),
+            penv.apiserver_port.to_string(),
+        ),
+        ("POD_IP".to_owned(), penv.pod_ip.to_owned()),
+    ]);
+    let env = env::resolve(sources, pod, container, penv.pod_ip, base).await?;
+    let lookup = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let program: Vec<String> = oci::argv(container, &image)
+        .iter()
+        .map(|a| expand(a, lookup))
+        .collect();
+    if program.is_empty() {
+        return Err(ConfigError(format!(
+            "no command specified: container {:?} has no command and image {reference} no entrypoint",
+            container.name
+        )));
+    }
+    let working_dir = container
+        .working_dir
+        .clone()
+        .filter(|d| !d.is_empty())
+        .or_else(|| Some(image.working_dir.clone()).filter(|d| !d.is_empty()))
+        .unwrap_or_else(|| "/".into());
+
+    // Written by the container's user.
+    let termination_log = container_dir.join("termination-log");
+    std::fs::write(&termination_log, b"")
+        .map_err(|e| ConfigError(format!("creating termination log: {e}")))?;
+    std::fs::set_permissions(&termination_log, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| ConfigError(format!("termination log: {e}")))?;
+    let termination_path = container
+        .termination_message_path
+        .clone()
+        .unwrap_or_else(|| "/dev/termination-log".into());
+
+    let root = rootfs.display().to_string();
+    let inside = |path: &str| format!("{root}/{}", path.trim_start_matches('/'));
+    let mut prelude = String::from(
+        "set -e
+",
+    );
+    // The root as a mount of its own, so that it can be made read-only under the volumes.
+    prelude.push_str(&format!("mount --bind {0} {0}\n", sh_quote(&root)));
+    for mount in container.volume_mounts.iter().flatten() {
+        let Some(source) = volume_paths.get(&mount.name) else {
+            return Err(ConfigError(format!(
+                "volumeMount {:?} names no volume",
+                mount.name
+            )));
+        };
+        let source = match mount.sub_path.as_deref() {
+            Some(sub) if !sub.is_empty() => source.join(sub),
+            _ => source.clone(),
+        };
+        prelude.push_str(&bind_mount(
+            &source,
+            &inside(&mount.mount_path),
+            mount.read_only == Some(true),
+        ));
+    }
+    // /proc and the usual devices, as a runtime provides them (the node has no pid
+    // namespaces: /proc is the host's).
+    prelude.push_str(&bind_mount(Path::new("/proc"), &inside("/proc"), false));
+    for device in [
+        "/dev/null",
+        "/dev/zero",
+        "/dev/full",
+        "/dev/random",
+        "/dev/urandom",
+    ] {
+        prelude.push_str(&bind_mount(Path::new(device), &inside(device), false));
+    }
+    for file in ["/etc/hosts", "/etc/resolv.conf"] {
+        if Path::new(file).exists() {
+            prelude.push_str(&bind_mount(Path::new(file), &inside(file), true));
+        }
+    }
+    prelude.push_str(&bind_mount(
+        &termination_log,
+        &inside(&termination_path),
+        false,
+    ));
+    if oci::read_only_root(container) {
+        prelude.push_str(&format!("mount -o remount,bind,ro {}\n", sh_quote(&root)));
+    }
+    prelude.push_str(&format!(
+        "exec unshare --root={} --wd={} --setuid={uid} --setgid={gid} -- \"$@\"\n",
+        sh_quote(&root),
+        sh_quote(&working_dir)
+    ));
+
+    let mut argv: Vec<String> = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    argv.push(prelude);
+    argv.push("sh".to_owned());
+    argv.extend(program);
+
+    Ok(Launch {
+        name: container.name.clone(),
+        argv,
+        env,
+        cwd: container_dir.to_path_buf(),
         log_path: container_dir.join("output.log"),
         termination_log,
         fallback_to_logs: container.termination_message_policy.as_deref()

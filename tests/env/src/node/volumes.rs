@@ -153,7 +153,11 @@ pub async fn materialize(
                     )?;
                 }
             }
-        } else if volume.empty_dir.is_none() {
+        } else if volume.empty_dir.is_some() {
+            // As a kubelet makes it: writable by whichever user the container runs as.
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o777))
+                .map_err(|e| ConfigError(format!("emptyDir {}: {e}", volume.name)))?;
+        } else {
             tracing::warn!(volume = %volume.name, "unsupported volume type; using an empty directory");
         }
         paths.insert(volume.name.clone(), target);
