@@ -13,7 +13,7 @@ build:
 ## test: formatting, clippy -D warnings, unit tests and the end-to-end suites against a real
 ## local control plane, real PostgreSQL/MariaDB, real Alembic and a real Argo CD (started by
 ## the tests).
-test: prerequisites lint controlplane helm argocd
+test: prerequisites lint controlplane helm argocd image
 	$(CARGO) build -q -p schemagate -p schemagate-testenv --bins
 	$(CARGO) test --workspace --all-targets --no-fail-fast -- --include-ignored
 	operator/image/check.sh
@@ -26,7 +26,7 @@ lint:
 unit:
 	$(CARGO) test --workspace --lib --bins
 
-e2e: controlplane helm
+e2e: controlplane helm image
 	$(CARGO) build -q -p schemagate -p schemagate-testenv --bins
 	$(CARGO) test -p schemagate-e2e --test e2e -- --include-ignored
 
@@ -73,7 +73,8 @@ bench-scale: controlplane
 	$(CARGO) build -q -p schemagate-testenv --bins
 	$(CARGO) run -q -p schemagate-e2e --bin schemagate-bench-scale
 
-## image: the operator's OCI image, built offline with buildah into target/image (docs/install.md).
+## image: the operator's OCI image, built offline with buildah into target/image (docs/install.md);
+## the chart's end-to-end test runs the operator from it.
 image:
 	operator/image/build.sh
 

@@ -1,13 +1,84 @@
-//! The Helm chart, installed for real: the operator runs as the chart's Deployment (the
-//! test node runs the locally built `schemagate` for its image), with the chart's RBAC,
-//! reached by the API server through the chart's Service, and holds the incident's v2.
+//! The Helm chart, installed for real: the operator runs as the chart's Deployment from its
+//! own OCI image (`make image`, `target/image/oci`), as user 65532 on a read-only root
+//! filesystem, with the chart's RBAC, reached by the API server through the chart's
+//! Service, and holds the incident's v2.
 
 use crate::support::*;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::api::Api;
 use kube::runtime::wait::await_condition;
 use schemagate_testenv::harness::{deployment_available, namespace};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// The operator's OCI layout: `SCHEMAGATE_IMAGE_DIR/oci` or `target/image/oci`.
+fn image_layout() -> PathBuf {
+    let dir = std::env::var_os("SCHEMAGATE_IMAGE_DIR")
+        .map_or_else(|| repo_root().join("target/image"), PathBuf::from);
+    let layout = dir.join("oci");
+    assert!(
+        layout.join("index.json").is_file(),
+        "no operator image at {}: build it with `make image` (make test and make e2e do)",
+        layout.display()
+    );
+    layout
+}
+
+#[derive(Debug)]
+struct ImageProcess {
+    uid: String,
+    root: PathBuf,
+    root_read_only: bool,
+}
+
+/// The `schemagate run` process whose root directory is a copy of the image (it holds the
+/// image's binary), read from /proc.
+fn operator_process() -> Option<ImageProcess> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        if entry.file_name().to_string_lossy().parse::<u32>().is_err() {
+            continue;
+        }
+        let proc_dir = entry.path();
+        let cmdline = std::fs::read(proc_dir.join("cmdline")).unwrap_or_default();
+        let argv: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if argv.first().map(String::as_str) != Some("/usr/local/bin/schemagate")
+            || argv.get(1).map(String::as_str) != Some("run")
+        {
+            continue;
+        }
+        let Ok(root) = std::fs::read_link(proc_dir.join("root")) else {
+            continue;
+        };
+        if root == Path::new("/") || !root.join("usr/local/bin/schemagate").is_file() {
+            continue;
+        }
+        let status = std::fs::read_to_string(proc_dir.join("status")).unwrap_or_default();
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string();
+        // The mount at the process's "/" (fifth field of mountinfo) and its options.
+        let mountinfo = std::fs::read_to_string(proc_dir.join("mountinfo")).unwrap_or_default();
+        let root_read_only = mountinfo.lines().any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(4) == Some(&"/")
+                && fields
+                    .get(5)
+                    .is_some_and(|options| options.split(',').any(|o| o == "ro"))
+        });
+        return Some(ImageProcess {
+            uid,
+            root,
+            root_read_only,
+        });
+    }
+    None
+}
 
 #[tokio::test]
 async fn helm_installed_operator_holds_the_release_through_its_service() {
@@ -15,13 +86,13 @@ async fn helm_installed_operator_holds_the_release_through_its_service() {
     let system = namespace("chart-system").await;
     let cluster = apps.cluster();
     prepare(cluster).await;
-    let bin_dir = schemagate_bin().parent().unwrap().to_path_buf();
+    // The chart's default image, run from the layout `make image` builds.
+    let layout = image_layout();
+    let version = env!("CARGO_PKG_VERSION");
     cluster
-        .register_image(
-            "registry.example/schemagate:0.1.0",
-            &repo_root(),
-            Some(&bin_dir.display().to_string()),
-            Some(&["schemagate"]),
+        .register_oci_image(
+            &format!("registry.example/schemagate:{version}"),
+            &format!("{}:{version}", layout.display()),
         )
         .await;
 
@@ -82,6 +153,12 @@ async fn helm_installed_operator_holds_the_release_through_its_service() {
     .await
     .expect("CA bundle patched in time")
     .unwrap();
+
+    // The operator's process: in the image's root, as 65532, the root read-only.
+    let process = operator_process().expect("the operator runs from its image");
+    assert_eq!(process.uid, "65532", "{process:?}");
+    assert!(process.root.ends_with("rootfs"), "{process:?}");
+    assert!(process.root_read_only, "{process:?}");
 
     let url = v1_serving(&apps).await;
     let timeline = release_v2(&apps, &url).await;
