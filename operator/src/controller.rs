@@ -345,7 +345,11 @@ pub async fn run_controllers(
                 .iter()
                 .find(|o| o.kind == "DatabaseMigration")
                 .map(|o| ObjectRef::new(&o.name).within(&job.namespace().unwrap_or_default()));
-            let waiting = if job_finished(&job) || job.metadata.deletion_timestamp.is_some() {
+            // Only migration Jobs hold a database's turn.
+            let migration_job = job.labels().contains_key(job::DATABASE_LABEL);
+            let waiting = if migration_job
+                && (job_finished(&job) || job.metadata.deletion_timestamp.is_some())
+            {
                 waiting_for_turn(&store)
             } else {
                 Vec::new()

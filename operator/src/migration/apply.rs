@@ -18,7 +18,15 @@ pub enum Applied {
     /// Another migration Job on the same database started since `observe` looked (named
     /// here): this one was not created, and waits its turn.
     AwaitingTurn(String),
+    /// The API server did not answer within [`TURN_LIMIT`] while this migration held its
+    /// database's turn: the turn was given up, nothing was created.
+    TurnTimedOut,
 }
+
+/// How long a reconcile may hold its database's turn: a call that never returns (a
+/// connection that died without a reset) must not stop every migration of the databases
+/// sharing the turn.
+pub const TURN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Creates the Job if the plan asks for one. The name is deterministic, so a Job that
 /// already exists (an operator restart, a second replica) is the same attempt: it is kept.
@@ -53,13 +61,19 @@ pub async fn apply(ctx: &Context, migration: &DatabaseMigration, plan: &Plan) ->
         let key = key.unwrap_or_default();
         // From the check to the creation, no other reconcile may start a Job on this
         // database; the check is read fresh, as `observe`'s may be stale by now.
-        let _turn = ctx.database_turns.take(&key).await;
-        let namespace = migration.namespace().unwrap_or_default();
         let name = job.name_any();
-        if let Some(other) = other_active_job(ctx, &namespace, &key, &name).await? {
-            return Ok(Applied::AwaitingTurn(other));
-        }
-        create_job(ctx, migration, job).await?;
+        let turn = async {
+            let _turn = ctx.database_turns.take(&key).await;
+            if let Some(other) = other_active_job(ctx, migration, &key, &name).await? {
+                return Ok(Applied::AwaitingTurn(other));
+            }
+            create_job(ctx, migration, job).await?;
+            Ok(Applied::Done)
+        };
+        return match tokio::time::timeout(TURN_LIMIT, turn).await {
+            Ok(result) => result,
+            Err(_) => Ok(Applied::TurnTimedOut),
+        };
     }
     Ok(Applied::Done)
 }

@@ -111,6 +111,13 @@ pub fn database_key(migration: &DatabaseMigration, url: Option<&str>) -> String 
     }
 }
 
+/// The database label of Jobs made by earlier builds, before migrations took turns across
+/// namespaces: a hash of the URL Secret's name and key, meaningful within one namespace.
+pub fn legacy_database_key(migration: &DatabaseMigration) -> String {
+    let secret = &migration.spec.database.url_secret_ref;
+    format!("{:016x}", fnv1a(&[&secret.name, &secret.key]))
+}
+
 /// What asked for the current attempt, for the history: the retry annotation or the spec.
 pub fn requested_by(migration: &DatabaseMigration) -> String {
     match retry_token(migration) {

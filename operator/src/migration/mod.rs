@@ -49,6 +49,12 @@ async fn reconcile(migration: &DatabaseMigration, ctx: &Context) -> Result<Actio
             tracing::info!(%other, "another migration Job started on the same database first");
             return Ok(Action::requeue(TURN_RECHECK));
         }
+        Ok(Applied::TurnTimedOut) => {
+            tracing::warn!(
+                "the Kubernetes API did not answer while the migration Job was being started; trying again"
+            );
+            return Ok(Action::requeue(TURN_RECHECK * 5));
+        }
         Err(error) => {
             if matches!(error, Error::JobRejected { .. }) {
                 let status = plan::job_rejected(migration, &plan.status, &error, ctx.now());

@@ -118,7 +118,7 @@ pub async fn observe(ctx: &Context, migration: &DatabaseMigration) -> Result<Obs
     };
     let database_key = job::database_key(migration, url.as_deref().ok());
     let other_active_job = if job.is_none() {
-        other_active_job(ctx, &namespace, &database_key, &job_name).await?
+        other_active_job(ctx, migration, &database_key, &job_name).await?
     } else {
         None
     };
@@ -424,16 +424,20 @@ async fn termination(
 /// confined to one namespace sees that namespace only.
 pub async fn other_active_job(
     ctx: &Context,
-    namespace: &str,
+    migration: &DatabaseMigration,
     database_key: &str,
     job_name: &str,
 ) -> Result<Option<String>> {
+    let namespace = migration.namespace().unwrap_or_default();
+    let namespace = namespace.as_str();
+    // Jobs started before an upgrade carry the key of earlier releases (the Secret
+    // reference, within one namespace): they count in their namespace.
+    let legacy = job::legacy_database_key(migration);
     let selector = format!(
-        "{}={},{}={}",
+        "{}={},{} in ({database_key},{legacy})",
         job::MANAGED_BY_LABEL,
         job::MANAGED_BY,
         job::DATABASE_LABEL,
-        database_key
     );
     let jobs: Api<Job> = match &ctx.watch_namespace {
         Some(watched) => Api::namespaced(ctx.client.clone(), watched),
@@ -449,6 +453,10 @@ pub async fn other_active_job(
         // A Job being deleted still counts until it is gone: its pod may still run.
         .filter(|other| {
             other.name_any() != job_name || other.namespace().as_deref() != Some(namespace)
+        })
+        .filter(|other| {
+            other.labels().get(job::DATABASE_LABEL).map(String::as_str) == Some(database_key)
+                || other.namespace().as_deref() == Some(namespace)
         })
         .find(|other| {
             let finished = other

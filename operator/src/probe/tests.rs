@@ -488,6 +488,12 @@ fn identity_names_the_server_and_database_without_credentials() {
         identity("mariadb://app:pw@db/app", "shop"),
         "mysql://db.shop:3306/app"
     );
+    // PostgreSQL's default database is the user's name.
+    assert_eq!(identity("postgres://app:pw@db.shop/", "x"), shop);
+    assert_ne!(
+        identity("postgres://alice:pw@db/", "shop"),
+        identity("postgres://bob:pw@db/", "shop")
+    );
     // Loopback is one server, whatever it is called; addresses and outside names stay.
     assert_eq!(
         identity("postgres://a:pw@127.0.0.1:5432/app", "x"),

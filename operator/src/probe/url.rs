@@ -25,6 +25,8 @@ pub struct DatabaseUrl {
     engine: Engine,
     sqlx_url: String,
     database: Option<String>,
+    /// The user name (not secret): PostgreSQL's default database is named after it.
+    user: Option<String>,
     host: String,
     port: Option<u16>,
 }
@@ -61,6 +63,7 @@ impl DatabaseUrl {
 
         let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         let (authority, tail) = rest.split_at(authority_end);
+        let mut user_name = None;
         let host_port = match authority.rfind('@') {
             Some(at) => {
                 let userinfo = &authority[..at];
@@ -68,7 +71,8 @@ impl DatabaseUrl {
                     Some((user, password)) => (user, Some(password)),
                     None => (userinfo, None),
                 };
-                if percent_decode(user).is_none() {
+                user_name = percent_decode(user);
+                if user_name.is_none() {
                     return Err(invalid(&format!(
                         "its user name is not valid percent-encoding; {ENCODING_HINT}"
                     )));
@@ -122,6 +126,7 @@ impl DatabaseUrl {
             engine,
             sqlx_url: format!("{sqlx_scheme}://{rest}"),
             database,
+            user: user_name.filter(|u| !u.is_empty()),
             host: host.to_ascii_lowercase(),
             port: port.and_then(|p| p.parse().ok()),
         })
@@ -151,7 +156,12 @@ impl DatabaseUrl {
             Engine::Postgres => 5432,
             Engine::Mysql => 3306,
         });
-        let database = self.database.as_deref().unwrap_or_default();
+        // Without a database name, PostgreSQL connects to the one named after the user.
+        let database = match (&self.database, self.engine) {
+            (Some(database), _) => database.as_str(),
+            (None, Engine::Postgres) => self.user.as_deref().unwrap_or_default(),
+            (None, Engine::Mysql) => "",
+        };
         let host = canonical_host(&self.host, namespace);
         format!("{engine}://{host}:{port}/{database}")
     }

@@ -407,9 +407,10 @@ async fn prepare_oci_container(
 
     let root = rootfs.display().to_string();
     let inside = |path: &str| format!("{root}/{}", path.trim_start_matches('/'));
+    // The prelude runs the host's tools whatever PATH the image sets; the command is
+    // looked up with the image's PATH inside its root.
     let mut prelude = String::from(
-        "set -e
-",
+        "set -e\nimage_path=$PATH\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\nunshare_bin=$(command -v unshare)\n",
     );
     // The root as a mount of its own, so that it can be made read-only under the volumes.
     prelude.push_str(&format!("mount --bind {0} {0}\n", sh_quote(&root)));
@@ -456,7 +457,7 @@ async fn prepare_oci_container(
         prelude.push_str(&format!("mount -o remount,bind,ro {}\n", sh_quote(&root)));
     }
     prelude.push_str(&format!(
-        "exec unshare --root={} --wd={} --setuid={uid} --setgid={gid} -- \"$@\"\n",
+        "PATH=$image_path\nexec \"$unshare_bin\" --root={} --wd={} --setuid={uid} --setgid={gid} -- \"$@\"\n",
         sh_quote(&root),
         sh_quote(&working_dir)
     ));
