@@ -3,8 +3,8 @@
 
 use crate::context::Context;
 use crate::gate::backstop;
-use crate::migration::{self, job};
-use futures::StreamExt;
+use crate::migration::{self, job, observe};
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
@@ -13,7 +13,7 @@ use kube::runtime::controller::{Config, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use schemagate_crds::{HELD_LABEL, MIGRATION_LABEL, condition, reason};
+use schemagate_crds::{HELD_FOR_ANNOTATION, HELD_LABEL, MIGRATION_LABEL, condition, reason};
 use std::future::Future;
 use std::sync::Arc;
 use tracing::warn;
@@ -39,10 +39,11 @@ where
     }
 }
 
-/// Which changes of an opted-in Deployment concern its DatabaseMigration: any change of
-/// the opt-in or held label, and every change of a held Deployment (the status lists
-/// them). The status churn of a Deployment that is not held (pods turning Ready, scaling)
-/// triggers no reconcile, no database connection. The filter remembers a hash per
+/// Which changes of an opted-in Deployment concern its DatabaseMigration (whose status
+/// lists the Deployments it holds): any change of the opt-in or held label, and of a held
+/// Deployment its spec, what it is held for, and its deletion. The status churn of a
+/// Deployment (pods turning Ready, scaling; the Deployment controller's updates of a paused
+/// one) triggers no reconcile, no database connection. The filter remembers a hash per
 /// Deployment, forgotten after an hour unseen (kube's predicate cache): memory stays
 /// bounded, and the first change after such an hour costs one reconcile.
 fn deployment_trigger(deployment: &Deployment) -> Option<u64> {
@@ -52,9 +53,38 @@ fn deployment_trigger(deployment: &Deployment) -> Option<u64> {
     let held = deployment.labels().contains_key(HELD_LABEL);
     held.hash(&mut hasher);
     if held {
-        deployment.resource_version().hash(&mut hasher);
+        deployment.meta().uid.hash(&mut hasher);
+        deployment.meta().generation.hash(&mut hasher);
+        deployment
+            .annotations()
+            .get(HELD_FOR_ANNOTATION)
+            .hash(&mut hasher);
+        deployment
+            .meta()
+            .deletion_timestamp
+            .is_some()
+            .hash(&mut hasher);
     }
     Some(hasher.finish())
+}
+
+/// A Deployment the watch reports deleted, marked so ([`deployment_trigger`] tells its
+/// deletion from its last update).
+fn marked_deleted(event: watcher::Event<Deployment>) -> watcher::Event<Deployment> {
+    match event {
+        watcher::Event::Delete(mut deployment) => {
+            deployment
+                .metadata
+                .deletion_timestamp
+                .get_or_insert_with(|| {
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        k8s_openapi::jiff::Timestamp::now(),
+                    )
+                });
+            watcher::Event::Delete(deployment)
+        }
+        other => other,
+    }
 }
 
 /// The DatabaseMigration an opted-in Deployment names.
@@ -85,6 +115,25 @@ fn slim_deployment(deployment: &mut Deployment) {
     if let Some(template) = deployment.spec.as_mut().map(|s| &mut s.template) {
         template.spec = None;
     }
+}
+
+/// What of an opted-in Deployment the gate decides on: its spec (the generation: pod
+/// template, `paused`), labels and annotations. Not its status: the gate never reads it,
+/// and a rollout's status churn would otherwise cost a reconcile and an API read per
+/// update.
+fn gate_trigger(deployment: &Deployment) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = deployment.meta();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    meta.uid.hash(&mut hasher);
+    meta.generation.hash(&mut hasher);
+    meta.labels.hash(&mut hasher);
+    meta.annotations.hash(&mut hasher);
+    meta.deletion_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .hash(&mut hasher);
+    Some(hasher.finish())
 }
 
 /// What of a DatabaseMigration, when it changes, calls for a reconcile: its spec (the
@@ -225,15 +274,18 @@ impl JobTriggers {
     }
 }
 
-/// Migrator pods that ended, each noticed once: the database is read again as soon as a
-/// migrator's process ends, not only when the Job controller marks its Job Complete (that
-/// comes up to a second later, batched). Whether the revision is applied is still decided
-/// by that read alone.
+/// What of a migrator pod calls for a reconcile, each noticed once per pod:
+/// - that it ended: the database is read again as soon as a migrator's process ends, not
+///   only when the Job controller marks its Job Complete (that comes up to a second later,
+///   batched). Whether the revision is applied is still decided by that read alone;
+/// - each reason it cannot start (`ErrImagePull`, `CreateContainerConfigError`, ... see
+///   [`observe::CANNOT_START`]): the status says so as soon as the kubelet reports it,
+///   not at the reconcile's next recheck.
 #[derive(Clone, Default)]
 struct MigratorPodTriggers {
-    /// UIDs of ended pods already acted on (cleared when it grows large; a repeat costs
-    /// one reconcile).
-    ended: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// What was acted on: a pod's UID when it ended, `UID/reason` for a reason it cannot
+    /// start (cleared when it grows large; a repeat costs one reconcile).
+    seen: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl MigratorPodTriggers {
@@ -242,21 +294,35 @@ impl MigratorPodTriggers {
     fn migration_to_reconcile(&self, pod: &Pod) -> Option<ObjectRef<GuardedMigration>> {
         let owner = pod.labels().get(job::OWNER_LABEL)?;
         let status = pod.status.as_ref()?;
+        let containers = || {
+            status
+                .init_container_statuses
+                .iter()
+                .flatten()
+                .chain(status.container_statuses.iter().flatten())
+        };
         let ended = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
             || status
                 .container_statuses
                 .iter()
                 .flatten()
                 .any(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some()));
-        if !ended {
-            return None;
-        }
-        let first_time = match self.ended.lock() {
-            Ok(mut ended) => {
-                if ended.len() >= Self::REMEMBERED {
-                    ended.clear();
+        let uid = pod.uid().unwrap_or_default();
+        let news = if ended {
+            uid
+        } else {
+            let reason = containers().find_map(|c| {
+                let reason = c.state.as_ref()?.waiting.as_ref()?.reason.as_deref()?;
+                observe::CANNOT_START.contains(&reason).then_some(reason)
+            })?;
+            format!("{uid}/{reason}")
+        };
+        let first_time = match self.seen.lock() {
+            Ok(mut seen) => {
+                if seen.len() >= Self::REMEMBERED {
+                    seen.clear();
                 }
-                ended.insert(pod.uid().unwrap_or_default())
+                seen.insert(news)
             }
             Err(_) => true,
         };
@@ -317,6 +383,7 @@ pub async fn run_controllers(
 
     let deployment_changes = watcher::watcher(deployments.clone(), opted_in.clone())
         .default_backoff()
+        .map_ok(marked_deleted)
         .touched_objects()
         .predicate_filter(deployment_trigger, Default::default());
     let pod_triggers = MigratorPodTriggers::default();
@@ -384,7 +451,8 @@ pub async fn run_controllers(
             .default_backoff()
             .modify(slim_deployment)
             .reflect(writer)
-            .applied_objects(),
+            .applied_objects()
+            .predicate_filter(gate_trigger, Default::default()),
         reader,
     );
     let opted_in_deployments = gate_controller.store();
@@ -474,18 +542,61 @@ mod tests {
     }
 
     #[test]
+    fn the_gate_ignores_a_deployments_status_churn() {
+        let opted_in = [(MIGRATION_LABEL, "app-db")];
+        let mut first = deployment(&opted_in, 0, "1");
+        first.metadata.generation = Some(1);
+        let base = gate_trigger(&first);
+        let mut churned = deployment(&opted_in, 3, "2");
+        churned.metadata.generation = Some(1);
+        assert_eq!(gate_trigger(&churned), base, "pods turning Ready");
+        let mut new_spec = churned.clone();
+        new_spec.metadata.generation = Some(2);
+        assert_ne!(
+            gate_trigger(&new_spec),
+            base,
+            "a new pod template or paused"
+        );
+        let held = deployment(&[(MIGRATION_LABEL, "app-db"), (HELD_LABEL, "true")], 3, "3");
+        let mut held = held;
+        held.metadata.generation = Some(1);
+        assert_ne!(gate_trigger(&held), base, "a label");
+    }
+
+    #[test]
     fn holds_releases_and_a_new_migration_label_trigger() {
         let opted_in = [(MIGRATION_LABEL, "app-db")];
         let held = [(MIGRATION_LABEL, "app-db"), (HELD_LABEL, "true")];
         let not_held = deployment_trigger(&deployment(&opted_in, 2, "1"));
         let held_1 = deployment_trigger(&deployment(&held, 2, "2"));
         assert_ne!(held_1, not_held, "held");
-        // Every change of a held Deployment counts (its deletion too).
-        assert_ne!(
+        // A held Deployment's status churn does not count; its spec, what it is held for
+        // and its deletion do.
+        assert_eq!(
             deployment_trigger(&deployment(&held, 1, "3")),
             held_1,
-            "a change while held"
+            "the Deployment controller's status update of a paused Deployment"
         );
+        let mut new_spec = deployment(&held, 1, "4");
+        new_spec.metadata.generation = Some(2);
+        assert_ne!(deployment_trigger(&new_spec), held_1, "a new pod template");
+        let mut held_for = deployment(&held, 1, "4");
+        held_for
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(HELD_FOR_ANNOTATION.into(), "app-db@3".into());
+        assert_ne!(
+            deployment_trigger(&held_for),
+            held_1,
+            "held for another revision"
+        );
+        let watcher::Event::Delete(deleted) =
+            marked_deleted(watcher::Event::Delete(deployment(&held, 1, "5")))
+        else {
+            panic!("still a deletion")
+        };
+        assert_ne!(deployment_trigger(&deleted), held_1, "deleted while held");
         assert_eq!(
             deployment_trigger(&deployment(&opted_in, 1, "4")),
             not_held,
@@ -643,6 +754,36 @@ mod tests {
         assert_eq!(
             triggers.migration_to_reconcile(&pod("Failed", "b")),
             expected
+        );
+        let waiting = |uid: &str, reason: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "m-2", "namespace": "shop", "uid": uid,
+                    "labels": {job::OWNER_LABEL: "app-db"}},
+                "status": {"phase": "Pending", "containerStatuses": [{"name": "migrate",
+                    "image": "m:1", "imageID": "", "ready": false, "restartCount": 0,
+                    "state": {"waiting": {"reason": reason}}}]}
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            triggers.migration_to_reconcile(&waiting("c", "ContainerCreating")),
+            None,
+            "starting"
+        );
+        assert_eq!(
+            triggers.migration_to_reconcile(&waiting("c", "ErrImagePull")),
+            expected,
+            "cannot start"
+        );
+        assert_eq!(
+            triggers.migration_to_reconcile(&waiting("c", "ErrImagePull")),
+            None,
+            "the same reason again"
+        );
+        assert_eq!(
+            triggers.migration_to_reconcile(&waiting("c", "ImagePullBackOff")),
+            expected,
+            "a new reason"
         );
     }
 

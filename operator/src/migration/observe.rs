@@ -510,8 +510,11 @@ async fn held_deployments(
     migration_name: &str,
 ) -> Result<Vec<String>> {
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    // Metadata only: the annotation is all this reads.
     let list = deployments
-        .list(&ListParams::default().labels(&format!("{MIGRATION_LABEL}={migration_name}")))
+        .list_metadata(
+            &ListParams::default().labels(&format!("{MIGRATION_LABEL}={migration_name}")),
+        )
         .await
         .map_err(Error::kube("list Deployments"))?;
     Ok(list
