@@ -173,10 +173,13 @@ fn hold_warning(requirement: &gate::Requirement, resumed: bool) -> String {
 
 /// How long a client may take to complete the TLS handshake, and then to send the headers
 /// of each request (an idle keep-alive connection included): a peer that opens connections
-/// and sends nothing cannot hold the webhook's sockets and tasks.
+/// and sends nothing cannot hold the webhook's sockets and tasks. The idle limit is above
+/// the 90 s for which the API server's client keeps an idle connection (Go's default
+/// transport): the client closes first, so an admission request never crosses the server
+/// closing its connection (a POST, which the client would not retry).
 pub const CONNECTION_LIMITS: ConnectionLimits = ConnectionLimits {
     handshake: Duration::from_secs(10),
-    headers: Duration::from_secs(30),
+    headers: Duration::from_secs(120),
 };
 
 /// Timeouts of one webhook connection, see [`CONNECTION_LIMITS`].
