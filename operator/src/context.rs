@@ -1,6 +1,7 @@
 //! The one state shared by the controllers and the webhook.
 
 use crate::telemetry::Metrics;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::core::DeserializeGuard;
@@ -36,6 +37,9 @@ pub struct Context {
     pub database_turns: DatabaseTurns,
     /// The one namespace the operator watches, when it is confined to one; all otherwise.
     pub watch_namespace: Option<String>,
+    /// The gate's cache of opted-in Deployments (slimmed: labels, annotations, spec without
+    /// its pod spec), while this replica runs the controllers.
+    pub deployments: std::sync::RwLock<Option<Store<Deployment>>>,
 }
 
 /// Migration Jobs start one at a time per database. Only the leader starts Jobs; within it,
@@ -77,7 +81,25 @@ impl Context {
             backoff: Default::default(),
             database_turns: Default::default(),
             watch_namespace: None,
+            deployments: Default::default(),
         }
+    }
+
+    pub fn set_deployments(&self, deployments: Option<Store<Deployment>>) {
+        match self.deployments.write() {
+            Ok(mut slot) => *slot = deployments,
+            Err(poisoned) => *poisoned.into_inner() = deployments,
+        }
+    }
+
+    /// The gate's cache of opted-in Deployments, once it has listed them.
+    pub fn listed_deployments(&self) -> Option<Store<Deployment>> {
+        let store = match self.deployments.read() {
+            Ok(slot) => slot.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }?;
+        let listed = futures::FutureExt::now_or_never(store.wait_until_ready());
+        matches!(listed, Some(Ok(()))).then_some(store)
     }
 
     pub fn now(&self) -> Timestamp {

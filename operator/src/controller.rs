@@ -43,9 +43,8 @@ where
 /// lists the Deployments it holds): any change of the opt-in or held label, and of a held
 /// Deployment its spec, what it is held for, and its deletion. The status churn of a
 /// Deployment (pods turning Ready, scaling; the Deployment controller's updates of a paused
-/// one) triggers no reconcile, no database connection. The filter remembers a hash per
-/// Deployment, forgotten after an hour unseen (kube's predicate cache): memory stays
-/// bounded, and the first change after such an hour costs one reconcile.
+/// one) triggers no reconcile, no database connection. [`DeploymentTriggers`] remembers the
+/// hash per cached Deployment.
 fn deployment_trigger(deployment: &Deployment) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -170,6 +169,18 @@ fn migration_controller(
     store: Store<GuardedMigration>,
     changes: &MigrationChanges,
 ) -> Controller<GuardedMigration> {
+    let triggers = store_changes(store.clone(), changes)
+        .predicate_filter(migration_trigger, Default::default());
+    Controller::for_stream(triggers, store)
+}
+
+/// Every DatabaseMigration in the store, then each one the store reports changed, read
+/// from the store after it took the change (so a reader of the store sees at least what
+/// the change brought). One that falls behind the reports takes the whole store again.
+fn store_changes(
+    store: Store<GuardedMigration>,
+    changes: &MigrationChanges,
+) -> impl futures::Stream<Item = Result<GuardedMigration, watcher::Error>> + Send + 'static {
     use tokio::sync::broadcast::error::RecvError;
     // Subscribed before the snapshot is taken, so no change falls between the two.
     let receiver = changes.subscribe();
@@ -203,10 +214,7 @@ fn migration_controller(
         },
     )
     .flat_map(futures::stream::iter);
-    let triggers = initial
-        .chain(live)
-        .predicate_filter(migration_trigger, Default::default());
-    Controller::for_stream(triggers, store)
+    initial.chain(live)
 }
 
 /// What of a migration Job the reconcile reads: its conditions (Complete, Failed and their
@@ -332,6 +340,61 @@ impl MigratorPodTriggers {
     }
 }
 
+/// Tells the migration controller of the opted-in Deployment changes [`deployment_trigger`]
+/// sees, from the gate's own watch, after the gate's cache took each change: a reconcile
+/// that lists its held Deployments from that cache sees at least what caused it. One hash
+/// per cached Deployment: dropped when the Deployment is deleted, and kept only for the
+/// Deployments a new list finds.
+struct DeploymentTriggers {
+    seen: std::collections::HashMap<ObjectRef<Deployment>, u64>,
+    /// The Deployments of a list under way (a watch that starts or starts again).
+    listed: std::collections::HashSet<ObjectRef<Deployment>>,
+    to_migrations: tokio::sync::mpsc::UnboundedSender<Deployment>,
+}
+
+impl DeploymentTriggers {
+    fn new(to_migrations: tokio::sync::mpsc::UnboundedSender<Deployment>) -> Self {
+        DeploymentTriggers {
+            seen: Default::default(),
+            listed: Default::default(),
+            to_migrations,
+        }
+    }
+
+    fn pass(&mut self, event: &watcher::Event<Deployment>) {
+        let (deployment, deleted) = match event {
+            watcher::Event::Apply(deployment) => (deployment, false),
+            watcher::Event::InitApply(deployment) => {
+                self.listed.insert(ObjectRef::from_obj(deployment));
+                (deployment, false)
+            }
+            watcher::Event::Delete(deployment) => (deployment, true),
+            watcher::Event::Init => {
+                self.listed.clear();
+                return;
+            }
+            watcher::Event::InitDone => {
+                let listed = std::mem::take(&mut self.listed);
+                self.seen.retain(|key, _| listed.contains(key));
+                return;
+            }
+        };
+        let Some(hash) = deployment_trigger(deployment) else {
+            return;
+        };
+        let key = ObjectRef::from_obj(deployment);
+        let before = if deleted {
+            self.seen.remove(&key)
+        } else {
+            self.seen.insert(key, hash)
+        };
+        if before != Some(hash) {
+            // No receiver: the controllers are stopping.
+            let _ = self.to_migrations.send(deployment.clone());
+        }
+    }
+}
+
 /// Whether a Job is Complete or Failed.
 fn job_finished(job: &Job) -> bool {
     job.status
@@ -381,11 +444,23 @@ pub async fn run_controllers(
         job::MANAGED_BY
     ));
 
-    let deployment_changes = watcher::watcher(deployments.clone(), opted_in.clone())
+    // One watch of the opted-in Deployments for both controllers: the gate caches them,
+    // and the migration controller hears of the changes that concern it once the cache has
+    // them (its reconcile lists a migration's held Deployments from that cache).
+    let (reader, writer) = reflector::store();
+    let (to_migrations, from_gate) = tokio::sync::mpsc::unbounded_channel();
+    let mut deployment_triggers = DeploymentTriggers::new(to_migrations);
+    let opted_in_changes = watcher::watcher(deployments.clone(), opted_in)
         .default_backoff()
         .map_ok(marked_deleted)
-        .touched_objects()
-        .predicate_filter(deployment_trigger, Default::default());
+        .modify(slim_deployment)
+        .reflect(writer)
+        .inspect_ok(move |event| deployment_triggers.pass(event));
+    let deployment_changes = futures::stream::unfold(from_gate, |mut from_gate| async move {
+        let deployment = from_gate.recv().await?;
+        Some((Ok::<_, watcher::Error>(deployment), from_gate))
+    });
+    ctx.set_deployments(Some(reader.clone()));
     let pod_triggers = MigratorPodTriggers::default();
     let pods: Api<Pod> = scoped(&client, &config.namespace);
     let migrator_pods = watcher::Config::default().labels(&format!(
@@ -443,23 +518,20 @@ pub async fn run_controllers(
             }
         });
 
-    let deployments_for_holds = deployments.clone();
+    let deployments_for_holds = deployments;
     let ctx_for_holds = ctx.clone();
-    let (reader, writer) = reflector::store();
     let gate_controller = Controller::for_stream(
-        watcher::watcher(deployments, opted_in)
-            .default_backoff()
-            .modify(slim_deployment)
-            .reflect(writer)
+        opted_in_changes
             .applied_objects()
             .predicate_filter(gate_trigger, Default::default()),
         reader,
     );
     let opted_in_deployments = gate_controller.store();
+    // The backstop decides from the DatabaseMigration store, told of each change after the
+    // store took it: a release follows the status that caused it.
     let gate_controller = gate_controller
-        .watches(
-            scoped::<GuardedMigration>(&client, &config.namespace),
-            watcher::Config::default(),
+        .watches_stream(
+            store_changes(ctx.migrations.clone(), migrations),
             move |migration| {
                 let namespace = migration.meta().namespace.clone();
                 let name = migration.meta().name.clone().unwrap_or_default();
@@ -478,7 +550,7 @@ pub async fn run_controllers(
         .run(
             backstop::reconcile_gate::<Deployment>,
             backstop::error_policy,
-            ctx,
+            ctx.clone(),
         )
         .for_each(|result| async move {
             if let Err(error) = result {
@@ -503,6 +575,7 @@ pub async fn run_controllers(
         });
 
     futures::join!(migration_controller, gate_controller, left_gate_controller);
+    ctx.set_deployments(None);
 }
 
 #[cfg(test)]
@@ -522,6 +595,42 @@ mod tests {
             "status": {"readyReplicas": ready}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn the_migration_controller_hears_from_the_gates_watch_only_what_concerns_it() {
+        let (to_migrations, mut heard) = tokio::sync::mpsc::unbounded_channel();
+        let mut triggers = DeploymentTriggers::new(to_migrations);
+        let mut count = || std::iter::from_fn(|| heard.try_recv().ok()).count();
+        let opted_in = [(MIGRATION_LABEL, "app-db")];
+        let held = [(MIGRATION_LABEL, "app-db"), (HELD_LABEL, "true")];
+
+        triggers.pass(&watcher::Event::Init);
+        triggers.pass(&watcher::Event::InitApply(deployment(&opted_in, 0, "1")));
+        triggers.pass(&watcher::Event::InitDone);
+        assert_eq!(count(), 1, "first seen");
+        for ready in 1..=100 {
+            let churned = deployment(&opted_in, ready, &format!("{}", ready + 1));
+            triggers.pass(&watcher::Event::Apply(churned));
+        }
+        assert_eq!(count(), 0, "pods turning Ready");
+
+        triggers.pass(&watcher::Event::Apply(deployment(&held, 100, "200")));
+        assert_eq!(count(), 1, "held");
+        triggers.pass(&watcher::Event::Apply(deployment(&held, 99, "201")));
+        assert_eq!(count(), 0, "a held Deployment's status");
+        let deleted = marked_deleted(watcher::Event::Delete(deployment(&held, 0, "202")));
+        triggers.pass(&deleted);
+        assert_eq!(count(), 1, "deleted while held");
+        assert!(triggers.seen.is_empty(), "forgotten when deleted");
+
+        // Deleted while the watch was down: a new list that lacks it forgets it.
+        triggers.pass(&watcher::Event::Apply(deployment(&opted_in, 0, "300")));
+        assert_eq!(count(), 1, "created again");
+        triggers.pass(&watcher::Event::Init);
+        triggers.pass(&watcher::Event::InitDone);
+        assert!(triggers.seen.is_empty(), "not in the new list");
+        assert_eq!(count(), 0);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The Helm chart, installed for real: the operator runs as the chart's Deployment from its
 //! own OCI image (`make image`, `target/image/oci`), as user 65532 on a read-only root
 //! filesystem, with the chart's RBAC, reached by the API server through the chart's
-//! Service, and holds the incident's v2.
+//! Service, and holds the incident's v2. Both namespaces enforce Pod Security "restricted".
 
 use crate::support::*;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -80,12 +80,33 @@ fn operator_process() -> Option<ImageProcess> {
     None
 }
 
+/// Labels a namespace to enforce Pod Security "restricted": every pod created in it from
+/// now on must satisfy that profile, or the API server refuses it.
+async fn enforce_restricted(ns: &schemagate_testenv::harness::TestNamespace) {
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ns.cluster().client());
+    namespaces
+        .patch(
+            ns.name(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"metadata": {"labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest",
+            }}})),
+        )
+        .await
+        .expect("enforcing Pod Security restricted");
+}
+
 #[tokio::test]
 async fn helm_installed_operator_holds_the_release_through_its_service() {
     let apps = namespace("chart-apps").await;
     let system = namespace("chart-system").await;
     let cluster = apps.cluster();
     prepare(cluster).await;
+    // Both namespaces enforce Pod Security "restricted": the operator's pod, the migration
+    // and revision-graph Job pods and the application's pods must all be admitted by it.
+    enforce_restricted(&system).await;
+    enforce_restricted(&apps).await;
     // The chart's default image, run from the layout `make image` builds.
     let layout = image_layout();
     let version = env!("CARGO_PKG_VERSION");

@@ -107,11 +107,11 @@ Permissions on the namespaced objects the operator handles: cluster-wide (Cluste
 or, with watchNamespace, in that namespace only (Role).
 */}}
 {{- define "schemagate.workloadRules" -}}
-# DatabaseMigrations: watched, and read fresh before a release. Only their status is
+# DatabaseMigrations: watched (every replica keeps them in memory). Only their status is
 # written (server-side apply).
 - apiGroups: ["schemagate.dev"]
   resources: ["databasemigrations"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["schemagate.dev"]
   resources: ["databasemigrations/status"]
   verbs: ["patch"]

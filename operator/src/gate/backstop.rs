@@ -16,11 +16,16 @@ use crate::telemetry::GateLabels;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use schemagate_crds::MIGRATION_LABEL;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, instrument, warn};
+
+/// How long a reconcile waits for the DatabaseMigration store's first list before it looks
+/// again later.
+const STORE_WAIT: Duration = Duration::from_secs(3);
 
 #[instrument(skip_all, fields(namespace = deployment.namespace(), name = deployment.name_any()))]
 pub async fn reconcile_gate<W: Workload>(deployment: Arc<W>, ctx: Arc<Context>) -> Result<Action> {
@@ -33,10 +38,15 @@ pub async fn reconcile_gate<W: Workload>(deployment: Arc<W>, ctx: Arc<Context>) 
     result
 }
 
-/// The backstop for one Deployment: observe (requirement, a fresh DatabaseMigration and,
-/// when the status cannot decide, the database itself) → decide (pure, with its Events) →
-/// apply (a resourceVersion-guarded patch, then the Events).
+/// The backstop for one Deployment: observe (requirement, its DatabaseMigration from the
+/// store and, when the status cannot decide, the database itself) → decide (pure, with its
+/// Events) → apply (a resourceVersion-guarded patch, then the Events).
 async fn gate_deployment<W: Workload>(deployment: &W, ctx: &Context) -> Result<Action> {
+    // Until the store has listed the DatabaseMigrations, a missing one is no answer: look
+    // again shortly (the webhook holds new rollouts meanwhile).
+    if !ctx.migrations_listed(STORE_WAIT).await {
+        return Ok(Action::requeue(STORE_WAIT));
+    }
     let observed = observe_gate(ctx, deployment).await?;
     let change = gate::decide(deployment, observed.requirement.as_ref(), &observed.verdict);
     let notes = gate::notes(
@@ -50,7 +60,7 @@ async fn gate_deployment<W: Workload>(deployment: &W, ctx: &Context) -> Result<A
         deployment,
         &change,
         &notes,
-        observed.migration.as_ref(),
+        observed.migration.as_deref(),
     )
     .await
 }
@@ -58,7 +68,7 @@ async fn gate_deployment<W: Workload>(deployment: &W, ctx: &Context) -> Result<A
 /// What the backstop read about one Deployment.
 struct GateObserved {
     requirement: Option<gate::Requirement>,
-    migration: Option<GuardedMigration>,
+    migration: Option<Arc<GuardedMigration>>,
     verdict: Verdict,
 }
 
@@ -71,28 +81,24 @@ async fn observe_gate<W: Workload>(ctx: &Context, deployment: &W) -> Result<Gate
             verdict: Verdict::Satisfied,
         });
     };
-    // Read fresh, not from a cache: a release must follow the status that caused it.
-    let api: Api<GuardedMigration> = Api::namespaced(ctx.client.clone(), &namespace);
-    let migration = api
-        .get_opt(&requirement.migration)
-        .await
-        .map_err(Error::kube(format!(
-            "get DatabaseMigration {}",
-            requirement.migration
-        )))?;
-    let mut verdict = gate::evaluate(migration.as_ref(), &requirement);
+    // From the store every replica keeps: this controller hears of a DatabaseMigration's
+    // change only after the store took it, so a release follows the status that caused it.
+    let migration = ctx
+        .migrations
+        .get(&ObjectRef::new(&requirement.migration).within(&namespace));
+    let mut verdict = gate::evaluate(migration.as_deref(), &requirement);
     if let (
         Verdict::Held {
             fresh_read_helps: true,
             ..
         },
         Some(Ok(found)),
-    ) = (&verdict, migration.as_ref().map(|g| &g.0))
+    ) = (&verdict, migration.as_deref().map(|g| &g.0))
     {
         // The status keeps only part of what the database reports: read the database.
         match crate::migration::observe::probe_database(&ctx.client, &namespace, found).await {
             Ok(applied) => {
-                verdict = gate::evaluate_with(migration.as_ref(), &requirement, Some(&applied));
+                verdict = gate::evaluate_with(migration.as_deref(), &requirement, Some(&applied));
             }
             // Held meanwhile; the reconcile is retried with backoff until a read decides.
             Err(error) => return Err(error),

@@ -503,12 +503,25 @@ async fn stuck_earlier_job(
     Ok(stuck.then(|| other.to_string()))
 }
 
-/// Names of this migration's Deployments that schemagate holds.
+/// Names of this migration's Deployments that schemagate holds: from the gate's cache when
+/// it has listed them (a change of a held Deployment reaches this controller only after
+/// that cache took it), else listed from the API server.
 async fn held_deployments(
     ctx: &Context,
     namespace: &str,
     migration_name: &str,
 ) -> Result<Vec<String>> {
+    if let Some(cache) = ctx.listed_deployments() {
+        return Ok(cache
+            .state_filter(|d| {
+                d.namespace().as_deref() == Some(namespace)
+                    && d.labels().get(MIGRATION_LABEL).map(String::as_str) == Some(migration_name)
+                    && d.annotations().contains_key(HELD_FOR_ANNOTATION)
+            })
+            .iter()
+            .map(|d| d.name_any())
+            .collect());
+    }
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
     // Metadata only: the annotation is all this reads.
     let list = deployments

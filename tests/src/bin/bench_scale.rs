@@ -169,6 +169,15 @@ impl OperatorProcess {
         self.metric(series).await.unwrap_or(0.0)
     }
 
+    /// The operator's requests to the API server so far, reads and writes.
+    async fn api_requests(&self) -> f64 {
+        self.counter("schemagate_api_requests_total{kind=\"read\"}")
+            .await
+            + self
+                .counter("schemagate_api_requests_total{kind=\"write\"}")
+                .await
+    }
+
     /// RSS with its parts: heap and stacks (anonymous) and the binary's pages (file).
     fn rss(&self) -> String {
         let pid = self.child.id().expect("operator running");
@@ -252,16 +261,21 @@ fn control_plane_mib(ns: &TestNamespace) -> Vec<(String, f64)> {
     found
 }
 
-/// The API server's `apiserver_admission_webhook_admission_duration_seconds` buckets for
-/// mutating calls, summed over webhooks: (upper bound in seconds, cumulative count).
-async fn webhook_histogram(client: &kube::Client) -> Vec<(f64, f64)> {
+/// The API server's own metrics, in Prometheus' text format.
+async fn api_server_metrics(client: &kube::Client) -> String {
     let request = http::Request::get("/metrics")
         .body(Vec::new())
         .expect("a request");
-    let text = client
+    client
         .request_text(request)
         .await
-        .expect("the API server's metrics");
+        .expect("the API server's metrics")
+}
+
+/// The API server's `apiserver_admission_webhook_admission_duration_seconds` buckets for
+/// mutating calls, summed over webhooks: (upper bound in seconds, cumulative count).
+async fn webhook_histogram(client: &kube::Client) -> Vec<(f64, f64)> {
+    let text = api_server_metrics(client).await;
     let mut buckets: Vec<(f64, f64)> = Vec::new();
     for line in text.lines().filter(|l| {
         l.starts_with("apiserver_admission_webhook_admission_duration_seconds_bucket{")
@@ -290,6 +304,72 @@ async fn webhook_histogram(client: &kube::Client) -> Vec<(f64, f64)> {
     }
     buckets.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
     buckets
+}
+
+/// The API server's time spent on requests, by verb, resource and subresource: (seconds,
+/// requests) from `apiserver_request_duration_seconds`, cumulative since it started.
+async fn request_seconds(client: &kube::Client) -> HashMap<String, (f64, f64)> {
+    let text = api_server_metrics(client).await;
+    let label = |labels: &str, name: &str| {
+        labels
+            .split(&format!("{name}=\""))
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut totals: HashMap<String, (f64, f64)> = HashMap::new();
+    for line in text.lines() {
+        let (sum, rest) = if let Some(rest) =
+            line.strip_prefix("apiserver_request_duration_seconds_sum{")
+        {
+            (true, rest)
+        } else if let Some(rest) = line.strip_prefix("apiserver_request_duration_seconds_count{") {
+            (false, rest)
+        } else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once(' ') else {
+            continue;
+        };
+        let (resource, subresource) = (label(labels, "resource"), label(labels, "subresource"));
+        let key = format!(
+            "{} {resource}{}{subresource}",
+            label(labels, "verb"),
+            if subresource.is_empty() { "" } else { "/" }
+        );
+        let value: f64 = value.parse().unwrap_or(0.0);
+        let entry = totals.entry(key).or_default();
+        if sum {
+            entry.0 += value;
+        } else {
+            entry.1 += value;
+        }
+    }
+    totals
+}
+
+/// The requests the API server spent most time on between two [`request_seconds`] readings
+/// (watches left out).
+fn print_busiest(before: &HashMap<String, (f64, f64)>, after: &HashMap<String, (f64, f64)>) {
+    let mut rows: Vec<(String, f64, f64)> = after
+        .iter()
+        .map(|(key, (seconds, count))| {
+            let (s0, c0) = before.get(key).copied().unwrap_or_default();
+            (key.clone(), seconds - s0, count - c0)
+        })
+        // A watch's time is how long it stayed open, not work.
+        .filter(|(key, _, count)| *count > 0.0 && !key.starts_with("WATCH"))
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = rows.iter().map(|r| r.2).sum();
+    println!("API server requests during the releases: {total:.0}; the most time spent on:");
+    for (key, seconds, count) in rows.iter().take(10) {
+        println!(
+            "  {key:<40} {count:>6.0} requests, {seconds:>6.1} s, mean {:.0} ms",
+            seconds / count * 1000.0
+        );
+    }
 }
 
 fn schema(i: usize) -> String {
@@ -646,6 +726,11 @@ async fn main() {
     .buffer_unordered(PARALLEL)
     .for_each(|_| async {})
     .await;
+    let requests_before = request_seconds(&client).await;
+    let operator_before = operator.api_requests().await;
+    let reconciles_before = operator
+        .counter("schemagate_reconciles_total{controller=\"migration\"}")
+        .await;
     let started = Instant::now();
     let revision_2 = Patch::Merge(serde_json::json!({"spec": {"revision": "2"}}));
     futures::stream::iter((0..releases).map(|i| {
@@ -660,6 +745,15 @@ async fn main() {
     .for_each(|_| async {})
     .await;
     let seen = released.await.unwrap();
+    print_busiest(&requests_before, &request_seconds(&client).await);
+    println!(
+        "the operator's share: {:.0} requests, {:.0} migration reconciles",
+        operator.api_requests().await - operator_before,
+        operator
+            .counter("schemagate_reconciles_total{controller=\"migration\"}")
+            .await
+            - reconciles_before
+    );
     println!(
         "{releases} releases done {:.1} s after their DatabaseMigrations changed",
         started.elapsed().as_secs_f64()
