@@ -2,11 +2,12 @@
 
 use crate::telemetry::Metrics;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::core::DeserializeGuard;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use schemagate_crds::DatabaseMigration;
 use std::sync::Arc;
 
@@ -37,9 +38,23 @@ pub struct Context {
     pub database_turns: DatabaseTurns,
     /// The one namespace the operator watches, when it is confined to one; all otherwise.
     pub watch_namespace: Option<String>,
-    /// The gate's cache of opted-in Deployments (slimmed: labels, annotations, spec without
-    /// its pod spec), while this replica runs the controllers.
-    pub deployments: std::sync::RwLock<Option<Store<Deployment>>>,
+    /// The last "still held" Event per held workload, so that an unchanged one is not
+    /// published again at each change of its DatabaseMigration.
+    pub held_notes: HeldNotes,
+    /// The controllers' caches, while this replica runs them.
+    pub caches: std::sync::RwLock<Option<Caches>>,
+}
+
+/// What the controllers cache, for the migration reconcile to read instead of asking the
+/// API server. Each is filled by a watch whose changes reach the controllers only after the
+/// cache took them.
+#[derive(Clone)]
+pub struct Caches {
+    /// The gate's opted-in Deployments (slimmed: labels, annotations, spec without its pod
+    /// spec).
+    pub deployments: Store<Deployment>,
+    /// Migration and revision-graph Jobs (slimmed: metadata and status).
+    pub jobs: Store<Job>,
 }
 
 /// Migration Jobs start one at a time per database. Only the leader starts Jobs; within it,
@@ -58,6 +73,42 @@ impl DatabaseTurns {
             hash.wrapping_mul(31).wrapping_add(usize::from(byte))
         });
         self.shards[shard % self.shards.len()].lock().await
+    }
+}
+
+/// What the backstop last said of each workload it holds ("rollout paused by schemagate
+/// (...)"): the same words again are no news. Keyed by the workload's UID, with a hash of
+/// the message; forgotten at the release, and all of it when it grows large (a repeat then
+/// costs one Event).
+#[derive(Default)]
+pub struct HeldNotes {
+    last: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl HeldNotes {
+    const REMEMBERED: usize = 16_384;
+
+    /// Whether `message` differs from what was last said of `uid`; remembers it.
+    pub fn is_news(&self, uid: &str, message: &str) -> bool {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        message.hash(&mut hasher);
+        let hash = hasher.finish();
+        let mut last = match self.last.lock() {
+            Ok(last) => last,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if last.len() >= Self::REMEMBERED {
+            last.clear();
+        }
+        last.insert(uid.to_string(), hash) != Some(hash)
+    }
+
+    pub fn forget(&self, uid: &str) {
+        match self.last.lock() {
+            Ok(mut last) => last.remove(uid),
+            Err(poisoned) => poisoned.into_inner().remove(uid),
+        };
     }
 }
 
@@ -81,25 +132,38 @@ impl Context {
             backoff: Default::default(),
             database_turns: Default::default(),
             watch_namespace: None,
-            deployments: Default::default(),
+            held_notes: Default::default(),
+            caches: Default::default(),
         }
     }
 
-    pub fn set_deployments(&self, deployments: Option<Store<Deployment>>) {
-        match self.deployments.write() {
-            Ok(mut slot) => *slot = deployments,
-            Err(poisoned) => *poisoned.into_inner() = deployments,
+    pub fn set_caches(&self, caches: Option<Caches>) {
+        match self.caches.write() {
+            Ok(mut slot) => *slot = caches,
+            Err(poisoned) => *poisoned.into_inner() = caches,
+        }
+    }
+
+    fn caches(&self) -> Option<Caches> {
+        match self.caches.read() {
+            Ok(slot) => slot.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
     /// The gate's cache of opted-in Deployments, once it has listed them.
     pub fn listed_deployments(&self) -> Option<Store<Deployment>> {
-        let store = match self.deployments.read() {
-            Ok(slot) => slot.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }?;
+        let store = self.caches()?.deployments;
         let listed = futures::FutureExt::now_or_never(store.wait_until_ready());
         matches!(listed, Some(Ok(()))).then_some(store)
+    }
+
+    /// A migration Job from the cache, if it is there. One that is not may be newer than
+    /// the cache: ask the API server.
+    pub fn cached_job(&self, namespace: &str, name: &str) -> Option<Arc<Job>> {
+        self.caches()?
+            .jobs
+            .get(&ObjectRef::new(name).within(namespace))
     }
 
     pub fn now(&self) -> Timestamp {
@@ -122,5 +186,21 @@ impl Context {
                 return false;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeldNotes;
+
+    #[test]
+    fn the_same_words_of_a_held_workload_are_no_news() {
+        let notes = HeldNotes::default();
+        assert!(notes.is_news("uid-1", "rollout paused by schemagate: needs 0002"));
+        assert!(!notes.is_news("uid-1", "rollout paused by schemagate: needs 0002"));
+        assert!(notes.is_news("uid-2", "rollout paused by schemagate: needs 0002"));
+        assert!(notes.is_news("uid-1", "rollout paused by schemagate: the Job failed"));
+        notes.forget("uid-1");
+        assert!(notes.is_news("uid-1", "rollout paused by schemagate: the Job failed"));
     }
 }

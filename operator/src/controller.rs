@@ -116,6 +116,13 @@ fn slim_deployment(deployment: &mut Deployment) {
     }
 }
 
+/// [`slim`], and for the cache of migration Jobs also their spec: the reconcile reads a
+/// Job's labels, owner and status, never its pod template.
+fn slim_job(job: &mut Job) {
+    slim(job);
+    job.spec = None;
+}
+
 /// What of an opted-in Deployment the gate decides on: its spec (the generation: pod
 /// template, `paused`), labels and annotations. Not its status: the gate never reads it,
 /// and a rollout's status churn would otherwise cost a reconcile and an API read per
@@ -460,7 +467,6 @@ pub async fn run_controllers(
         let deployment = from_gate.recv().await?;
         Some((Ok::<_, watcher::Error>(deployment), from_gate))
     });
-    ctx.set_deployments(Some(reader.clone()));
     let pod_triggers = MigratorPodTriggers::default();
     let pods: Api<Pod> = scoped(&client, &config.namespace);
     let migrator_pods = watcher::Config::default().labels(&format!(
@@ -470,8 +476,15 @@ pub async fn run_controllers(
         job::OWNER_LABEL
     ));
     let job_triggers = JobTriggers::default();
+    let (jobs_cached, job_writer) = reflector::store();
+    ctx.set_caches(Some(crate::context::Caches {
+        deployments: reader.clone(),
+        jobs: jobs_cached,
+    }));
     let job_changes = watcher::watcher(jobs, managed_jobs)
         .default_backoff()
+        .modify(slim_job)
+        .reflect(job_writer)
         .filter_map(move |event| {
             std::future::ready(match event {
                 Ok(event) => job_triggers.pass(event).map(Ok),
@@ -575,7 +588,7 @@ pub async fn run_controllers(
         });
 
     futures::join!(migration_controller, gate_controller, left_gate_controller);
-    ctx.set_deployments(None);
+    ctx.set_caches(None);
 }
 
 #[cfg(test)]

@@ -160,6 +160,23 @@ async fn apply_gate<W: Workload>(
     let migration_ref = migration
         .and_then(|guard| guard.0.as_ref().ok())
         .map(|m| m.object_ref(&()));
+    let uid = deployment.uid().unwrap_or_default();
+    match change {
+        // Held already: say why again only when the words changed.
+        GateChange::None => {
+            if let Some(note) = notes.first()
+                && !ctx.held_notes.is_news(&uid, &note.message)
+            {
+                return Ok(Action::await_change());
+            }
+        }
+        GateChange::Hold { .. } => {
+            if let Some(note) = notes.first() {
+                ctx.held_notes.is_news(&uid, &note.message);
+            }
+        }
+        _ => ctx.held_notes.forget(&uid),
+    }
     for note in notes {
         let reference = match note.on {
             gate::NoteOn::Workload => deployment.object_ref(&()),

@@ -266,7 +266,7 @@ pub fn notes<W: Workload>(
             format!("rollout paused by schemagate ({reason}): {message}"),
         ),
         // Held already, by the webhook at admission or earlier: say why, with what the
-        // database reports now. Identical Events are counted as one series.
+        // database reports now (the backstop publishes it only when the words changed).
         (
             GateChange::None,
             Verdict::Held {

@@ -108,11 +108,7 @@ pub async fn observe(ctx: &Context, migration: &DatabaseMigration) -> Result<Obs
     let job_name = job::job_name(migration);
 
     let url = read_database_url_with(&ctx.client, &namespace, migration).await;
-    let job = match jobs
-        .get_opt(&job_name)
-        .await
-        .map_err(Error::kube(format!("get Job {job_name}")))?
-    {
+    let job = match get_job(ctx, &jobs, &namespace, &job_name).await? {
         Some(found) => Some(observe_job(ctx, &namespace, &found, url.as_deref().ok()).await?),
         None => None,
     };
@@ -144,6 +140,25 @@ pub async fn observe(ctx: &Context, migration: &DatabaseMigration) -> Result<Obs
         held_deployments,
         graph_job,
     })
+}
+
+/// A Job from the controllers' cache, else (not there yet, or no cache) from the API
+/// server: a Job that was just created may not have reached the cache, and a Job missing
+/// is only believed from the API server.
+async fn get_job(
+    ctx: &Context,
+    jobs: &Api<Job>,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<std::sync::Arc<Job>>> {
+    if let Some(cached) = ctx.cached_job(namespace, name) {
+        return Ok(Some(cached));
+    }
+    Ok(jobs
+        .get_opt(name)
+        .await
+        .map_err(Error::kube(format!("get Job {name}")))?
+        .map(std::sync::Arc::new))
 }
 
 /// The database URL from the referenced Secret, read by name and never cached.
@@ -206,11 +221,7 @@ async fn observe_graph_job(
     if known {
         return Ok(GraphJob::NotNeeded);
     }
-    let Some(found) = jobs
-        .get_opt(&name)
-        .await
-        .map_err(Error::kube(format!("get Job {name}")))?
-    else {
+    let Some(found) = get_job(ctx, jobs, namespace, &name).await? else {
         return Ok(GraphJob::Missing);
     };
     if true_condition(&found, "Complete").is_some() {
