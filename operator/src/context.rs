@@ -53,6 +53,9 @@ pub struct Caches {
     /// The gate's opted-in Deployments (slimmed: labels, annotations, spec without its pod
     /// spec).
     pub deployments: Store<Deployment>,
+    /// Whether that cache has taken its first list (set by the watch itself: a wait on the
+    /// store's readiness here would take the wake-up from the controller waiting on it).
+    pub deployments_listed: Arc<std::sync::atomic::AtomicBool>,
     /// Migration and revision-graph Jobs (slimmed: metadata and status).
     pub jobs: Store<Job>,
 }
@@ -88,10 +91,12 @@ pub struct HeldNotes {
 impl HeldNotes {
     const REMEMBERED: usize = 16_384;
 
-    /// Whether `message` differs from what was last said of `uid`; remembers it.
-    pub fn is_news(&self, uid: &str, message: &str) -> bool {
+    /// Whether `message` differs from what was last said of `uid` at this generation of
+    /// its spec; remembers it.
+    pub fn is_news(&self, uid: &str, generation: Option<i64>, message: &str) -> bool {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        generation.hash(&mut hasher);
         message.hash(&mut hasher);
         let hash = hasher.finish();
         let mut last = match self.last.lock() {
@@ -109,6 +114,14 @@ impl HeldNotes {
             Ok(mut last) => last.remove(uid),
             Err(poisoned) => poisoned.into_inner().remove(uid),
         };
+    }
+
+    /// Forgets everything: a replica that starts leading says everything once again.
+    pub fn clear(&self) {
+        match self.last.lock() {
+            Ok(mut last) => last.clear(),
+            Err(poisoned) => poisoned.into_inner().clear(),
+        }
     }
 }
 
@@ -153,9 +166,11 @@ impl Context {
 
     /// The gate's cache of opted-in Deployments, once it has listed them.
     pub fn listed_deployments(&self) -> Option<Store<Deployment>> {
-        let store = self.caches()?.deployments;
-        let listed = futures::FutureExt::now_or_never(store.wait_until_ready());
-        matches!(listed, Some(Ok(()))).then_some(store)
+        let caches = self.caches()?;
+        caches
+            .deployments_listed
+            .load(std::sync::atomic::Ordering::Acquire)
+            .then_some(caches.deployments)
     }
 
     /// A migration Job from the cache, if it is there. One that is not may be newer than
@@ -196,11 +211,16 @@ mod tests {
     #[test]
     fn the_same_words_of_a_held_workload_are_no_news() {
         let notes = HeldNotes::default();
-        assert!(notes.is_news("uid-1", "rollout paused by schemagate: needs 0002"));
-        assert!(!notes.is_news("uid-1", "rollout paused by schemagate: needs 0002"));
-        assert!(notes.is_news("uid-2", "rollout paused by schemagate: needs 0002"));
-        assert!(notes.is_news("uid-1", "rollout paused by schemagate: the Job failed"));
+        let needs = "rollout paused by schemagate: needs 0002";
+        let failed = "rollout paused by schemagate: the Job failed";
+        assert!(notes.is_news("uid-1", Some(1), needs));
+        assert!(!notes.is_news("uid-1", Some(1), needs));
+        assert!(notes.is_news("uid-2", Some(1), needs));
+        assert!(notes.is_news("uid-1", Some(1), failed));
+        assert!(notes.is_news("uid-1", Some(2), failed), "a new spec");
         notes.forget("uid-1");
-        assert!(notes.is_news("uid-1", "rollout paused by schemagate: the Job failed"));
+        assert!(notes.is_news("uid-1", Some(2), failed));
+        notes.clear();
+        assert!(notes.is_news("uid-2", Some(1), needs));
     }
 }

@@ -256,36 +256,47 @@ fn job_trigger(job: &Job) -> u64 {
 }
 
 /// Passes a Job on when [`job_trigger`] changed since it was last seen, and always when it
-/// is deleted (a Job deleted mid-migration is reported at once).
-#[derive(Clone, Default)]
+/// is deleted (a Job deleted mid-migration is reported at once). The Jobs of a list are
+/// passed on when the list is done, when the cache has them.
+#[derive(Default)]
 struct JobTriggers {
     /// The last hash per Job UID (cleared when it grows large; a repeat costs one
     /// reconcile).
-    seen: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+    seen: std::collections::HashMap<String, u64>,
+    /// The changed Jobs of a list under way.
+    listed: Vec<Job>,
 }
 
 impl JobTriggers {
     const REMEMBERED: usize = 4096;
 
-    fn pass(&self, event: watcher::Event<Job>) -> Option<Job> {
-        let mut seen = match self.seen.lock() {
-            Ok(seen) => seen,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+    fn pass(&mut self, event: watcher::Event<Job>) -> Vec<Job> {
         match event {
             watcher::Event::Delete(job) => {
-                seen.remove(&job.uid().unwrap_or_default());
-                Some(job)
+                self.seen.remove(&job.uid().unwrap_or_default());
+                vec![job]
             }
-            watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
-                if seen.len() >= Self::REMEMBERED {
-                    seen.clear();
+            watcher::Event::Apply(job) => self.changed(job).into_iter().collect(),
+            watcher::Event::InitApply(job) => {
+                if let Some(job) = self.changed(job) {
+                    self.listed.push(job);
                 }
-                let hash = job_trigger(&job);
-                (seen.insert(job.uid().unwrap_or_default(), hash) != Some(hash)).then_some(job)
+                Vec::new()
             }
-            watcher::Event::Init | watcher::Event::InitDone => None,
+            watcher::Event::Init => {
+                self.listed.clear();
+                Vec::new()
+            }
+            watcher::Event::InitDone => std::mem::take(&mut self.listed),
         }
+    }
+
+    fn changed(&mut self, job: Job) -> Option<Job> {
+        if self.seen.len() >= Self::REMEMBERED {
+            self.seen.clear();
+        }
+        let hash = job_trigger(&job);
+        (self.seen.insert(job.uid().unwrap_or_default(), hash) != Some(hash)).then_some(job)
     }
 }
 
@@ -349,14 +360,18 @@ impl MigratorPodTriggers {
 
 /// Tells the migration controller of the opted-in Deployment changes [`deployment_trigger`]
 /// sees, from the gate's own watch, after the gate's cache took each change: a reconcile
-/// that lists its held Deployments from that cache sees at least what caused it. One hash
-/// per cached Deployment: dropped when the Deployment is deleted, and kept only for the
-/// Deployments a new list finds.
+/// that lists its held Deployments from that cache sees at least what caused it. The
+/// changes of a list are told when the list is done (the cache takes a list's objects all
+/// at once then), with the Deployments the list no longer finds. One hash per cached
+/// Deployment, with the DatabaseMigration it names: dropped when the Deployment is deleted.
 struct DeploymentTriggers {
-    seen: std::collections::HashMap<ObjectRef<Deployment>, u64>,
-    /// The Deployments of a list under way (a watch that starts or starts again).
+    seen: std::collections::HashMap<ObjectRef<Deployment>, (u64, Option<String>)>,
+    /// The Deployments of a list under way, and the changed ones among them.
     listed: std::collections::HashSet<ObjectRef<Deployment>>,
+    changed_in_list: Vec<Deployment>,
     to_migrations: tokio::sync::mpsc::UnboundedSender<Deployment>,
+    /// Set when the first list is done: the cache holds every opted-in Deployment.
+    listed_once: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl DeploymentTriggers {
@@ -364,41 +379,82 @@ impl DeploymentTriggers {
         DeploymentTriggers {
             seen: Default::default(),
             listed: Default::default(),
+            changed_in_list: Vec::new(),
             to_migrations,
+            listed_once: Default::default(),
         }
     }
 
     fn pass(&mut self, event: &watcher::Event<Deployment>) {
-        let (deployment, deleted) = match event {
-            watcher::Event::Apply(deployment) => (deployment, false),
+        match event {
+            watcher::Event::Apply(deployment) => {
+                if self.changed(deployment, false) {
+                    self.tell(deployment.clone());
+                }
+            }
+            watcher::Event::Delete(deployment) => {
+                if self.changed(deployment, true) {
+                    self.tell(deployment.clone());
+                }
+            }
             watcher::Event::InitApply(deployment) => {
                 self.listed.insert(ObjectRef::from_obj(deployment));
-                (deployment, false)
+                if self.changed(deployment, false) {
+                    self.changed_in_list.push(deployment.clone());
+                }
             }
-            watcher::Event::Delete(deployment) => (deployment, true),
             watcher::Event::Init => {
                 self.listed.clear();
-                return;
+                self.changed_in_list.clear();
             }
             watcher::Event::InitDone => {
+                self.listed_once
+                    .store(true, std::sync::atomic::Ordering::Release);
                 let listed = std::mem::take(&mut self.listed);
-                self.seen.retain(|key, _| listed.contains(key));
-                return;
+                let mut gone = Vec::new();
+                self.seen.retain(|key, (_, migration)| {
+                    let kept = listed.contains(key);
+                    if !kept && let Some(migration) = migration.take() {
+                        gone.push(Deployment {
+                            metadata: kube::api::ObjectMeta {
+                                name: Some(key.name.clone()),
+                                namespace: key.namespace.clone(),
+                                labels: Some([(MIGRATION_LABEL.to_string(), migration)].into()),
+                                ..Default::default()
+                            },
+                            ..Default::default()
+                        });
+                    }
+                    kept
+                });
+                for deployment in std::mem::take(&mut self.changed_in_list)
+                    .into_iter()
+                    .chain(gone)
+                {
+                    self.tell(deployment);
+                }
             }
-        };
+        }
+    }
+
+    /// Whether the Deployment's hash changed; remembers it (forgets it when deleted).
+    fn changed(&mut self, deployment: &Deployment, deleted: bool) -> bool {
         let Some(hash) = deployment_trigger(deployment) else {
-            return;
+            return false;
         };
         let key = ObjectRef::from_obj(deployment);
         let before = if deleted {
             self.seen.remove(&key)
         } else {
-            self.seen.insert(key, hash)
+            let migration = deployment.labels().get(MIGRATION_LABEL).cloned();
+            self.seen.insert(key, (hash, migration))
         };
-        if before != Some(hash) {
-            // No receiver: the controllers are stopping.
-            let _ = self.to_migrations.send(deployment.clone());
-        }
+        before.map(|(hash, _)| hash) != Some(hash)
+    }
+
+    fn tell(&self, deployment: Deployment) {
+        // No receiver: the controllers are stopping.
+        let _ = self.to_migrations.send(deployment);
     }
 }
 
@@ -441,6 +497,7 @@ pub async fn run_controllers(
     config: &ControllerConfig,
     shutdown: impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
 ) {
+    ctx.held_notes.clear();
     let client = ctx.client.clone();
     let jobs: Api<Job> = scoped(&client, &config.namespace);
     let deployments: Api<Deployment> = scoped(&client, &config.namespace);
@@ -457,6 +514,7 @@ pub async fn run_controllers(
     let (reader, writer) = reflector::store();
     let (to_migrations, from_gate) = tokio::sync::mpsc::unbounded_channel();
     let mut deployment_triggers = DeploymentTriggers::new(to_migrations);
+    let deployments_listed = deployment_triggers.listed_once.clone();
     let opted_in_changes = watcher::watcher(deployments.clone(), opted_in)
         .default_backoff()
         .map_ok(marked_deleted)
@@ -475,20 +533,21 @@ pub async fn run_controllers(
         job::MANAGED_BY,
         job::OWNER_LABEL
     ));
-    let job_triggers = JobTriggers::default();
+    let mut job_triggers = JobTriggers::default();
     let (jobs_cached, job_writer) = reflector::store();
     ctx.set_caches(Some(crate::context::Caches {
         deployments: reader.clone(),
+        deployments_listed,
         jobs: jobs_cached,
     }));
     let job_changes = watcher::watcher(jobs, managed_jobs)
         .default_backoff()
         .modify(slim_job)
         .reflect(job_writer)
-        .filter_map(move |event| {
-            std::future::ready(match event {
-                Ok(event) => job_triggers.pass(event).map(Ok),
-                Err(error) => Some(Err(error)),
+        .flat_map(move |event| {
+            futures::stream::iter(match event {
+                Ok(event) => job_triggers.pass(event).into_iter().map(Ok).collect(),
+                Err(error) => vec![Err(error)],
             })
         });
     let store = ctx.migrations.clone();
@@ -637,13 +696,26 @@ mod tests {
         assert_eq!(count(), 1, "deleted while held");
         assert!(triggers.seen.is_empty(), "forgotten when deleted");
 
-        // Deleted while the watch was down: a new list that lacks it forgets it.
+        // A new list: what it brings is told when it is done (when the cache has it).
         triggers.pass(&watcher::Event::Apply(deployment(&opted_in, 0, "300")));
         assert_eq!(count(), 1, "created again");
         triggers.pass(&watcher::Event::Init);
+        triggers.pass(&watcher::Event::InitApply(deployment(&held, 0, "301")));
+        assert_eq!(count(), 0, "not before the list is done");
+        triggers.pass(&watcher::Event::InitDone);
+        assert_eq!(count(), 1, "held while the watch was down");
+
+        // Deleted while the watch was down: a new list that lacks it forgets it, and its
+        // DatabaseMigration hears of it.
+        triggers.pass(&watcher::Event::Init);
         triggers.pass(&watcher::Event::InitDone);
         assert!(triggers.seen.is_empty(), "not in the new list");
-        assert_eq!(count(), 0);
+        let gone: Vec<Deployment> = std::iter::from_fn(|| heard.try_recv().ok()).collect();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(
+            migration_of(&gone[0]),
+            Some(ObjectRef::new("app-db").within("shop"))
+        );
     }
 
     #[test]
@@ -824,31 +896,39 @@ mod tests {
             }))
             .unwrap()
         };
-        let triggers = JobTriggers::default();
+        let mut triggers = JobTriggers::default();
         let apply = |status| watcher::Event::Apply(job(status));
         let started = serde_json::json!({"startTime": "2026-11-30T00:00:00Z", "active": 1});
-        assert!(
-            triggers.pass(apply(started.clone())).is_some(),
-            "first seen"
-        );
+        assert_eq!(triggers.pass(apply(started.clone())).len(), 1, "first seen");
         let mut counted = started.clone();
         counted["uncountedTerminatedPods"] = serde_json::json!({"succeeded": ["p"]});
         counted["active"] = 0.into();
-        assert!(triggers.pass(apply(counted)).is_none(), "bookkeeping");
-        let mut complete = started;
+        assert!(triggers.pass(apply(counted)).is_empty(), "bookkeeping");
+        let mut complete = started.clone();
         complete["conditions"] = serde_json::json!([{"type": "Complete", "status": "True"}]);
-        assert!(triggers.pass(apply(complete.clone())).is_some(), "complete");
+        assert_eq!(triggers.pass(apply(complete.clone())).len(), 1, "complete");
         assert!(
-            triggers.pass(apply(complete.clone())).is_none(),
+            triggers.pass(apply(complete.clone())).is_empty(),
             "no change"
         );
-        assert!(
+        assert_eq!(
             triggers
-                .pass(watcher::Event::Delete(job(complete)))
-                .is_some(),
+                .pass(watcher::Event::Delete(job(complete.clone())))
+                .len(),
+            1,
             "deleted"
         );
-        assert!(triggers.pass(watcher::Event::InitDone).is_none());
+
+        // A new list: its changes are passed on when it is done (the cache has them then).
+        assert!(triggers.pass(watcher::Event::Init).is_empty());
+        assert!(
+            triggers
+                .pass(watcher::Event::InitApply(job(complete)))
+                .is_empty(),
+            "not before the list is done"
+        );
+        assert_eq!(triggers.pass(watcher::Event::InitDone).len(), 1);
+        assert!(triggers.pass(watcher::Event::InitDone).is_empty());
     }
 
     #[test]

@@ -136,20 +136,30 @@ pub async fn run(
     // it (a few hundred in flight; one that falls behind reads the whole store again).
     let (changes, _) = tokio::sync::broadcast::channel(256);
     let changed = changes.clone();
+    // A list's objects reach the store all at once when the list is done: they are told
+    // then, so that whoever is told finds them in the store.
+    let mut listed = Vec::new();
     let reflected = reflector(
         writer,
         watcher(migrations.clone(), watcher::Config::default()).modify(crate::controller::slim),
     )
     .default_backoff()
     .for_each(move |event| {
-        if let Ok(
-            watcher::Event::Apply(migration)
-            | watcher::Event::InitApply(migration)
-            | watcher::Event::Delete(migration),
-        ) = event
-        {
-            // No receiver (this replica is not leading) is no error.
-            let _ = changed.send(reflector::ObjectRef::from_obj(&migration));
+        // No receiver (this replica is not leading) is no error.
+        match event {
+            Ok(watcher::Event::Apply(migration) | watcher::Event::Delete(migration)) => {
+                let _ = changed.send(reflector::ObjectRef::from_obj(&migration));
+            }
+            Ok(watcher::Event::Init) => listed.clear(),
+            Ok(watcher::Event::InitApply(migration)) => {
+                listed.push(reflector::ObjectRef::from_obj(&migration));
+            }
+            Ok(watcher::Event::InitDone) => {
+                for migration in listed.drain(..) {
+                    let _ = changed.send(migration);
+                }
+            }
+            Err(_) => {}
         }
         std::future::ready(())
     });

@@ -161,20 +161,22 @@ async fn apply_gate<W: Workload>(
         .and_then(|guard| guard.0.as_ref().ok())
         .map(|m| m.object_ref(&()));
     let uid = deployment.uid().unwrap_or_default();
+    let generation = deployment.meta().generation;
     match change {
-        // Held already: say why again only when the words changed.
-        GateChange::None => {
+        // Held already: say why again only when the words or the spec changed.
+        GateChange::None if gate::held_by_schemagate(deployment) => {
             if let Some(note) = notes.first()
-                && !ctx.held_notes.is_news(&uid, &note.message)
+                && !ctx.held_notes.is_news(&uid, generation, &note.message)
             {
                 return Ok(Action::await_change());
             }
         }
         GateChange::Hold { .. } => {
             if let Some(note) = notes.first() {
-                ctx.held_notes.is_news(&uid, &note.message);
+                ctx.held_notes.is_news(&uid, generation, &note.message);
             }
         }
+        // Released (here, by the webhook, or by a person's undo) or never held.
         _ => ctx.held_notes.forget(&uid),
     }
     for note in notes {
@@ -194,6 +196,8 @@ async fn apply_gate<W: Workload>(
         };
         if let Err(error) = ctx.recorder.publish(&event, &reference).await {
             warn!(%error, "cannot publish Event");
+            // Said again at the next look.
+            ctx.held_notes.forget(&uid);
         }
     }
     Ok(Action::await_change())
