@@ -79,6 +79,23 @@ impl DatabaseTurns {
     }
 }
 
+/// The opted-in Deployments of one DatabaseMigration in a cache of them.
+pub fn deployments_of(
+    cache: &Store<Deployment>,
+    namespace: &str,
+    migration: &str,
+) -> Vec<Arc<Deployment>> {
+    cache.state_filter(|d| {
+        d.metadata.namespace.as_deref() == Some(namespace)
+            && d.metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(schemagate_crds::MIGRATION_LABEL))
+                .map(String::as_str)
+                == Some(migration)
+    })
+}
+
 /// What the backstop last said of each workload it holds ("rollout paused by schemagate
 /// (...)"): the same words again are no news. Keyed by the workload's UID, with a hash of
 /// the message; forgotten at the release, and all of it when it grows large (a repeat then

@@ -123,32 +123,16 @@ fn slim_job(job: &mut Job) {
     job.spec = None;
 }
 
-/// What of an opted-in Deployment the gate decides on: its spec (the generation: pod
-/// template, `paused`), labels and annotations. Not its status: the gate never reads it,
-/// and a rollout's status churn would otherwise cost a reconcile and an API read per
-/// update.
-fn gate_trigger(deployment: &Deployment) -> Option<u64> {
+/// What of an object calls for a reconcile when it changes: its spec (the generation),
+/// labels, annotations, finalizers and deletion, not its status.
+/// - For a DatabaseMigration (`schemagate.dev/retry` is an annotation): the operator writes
+///   its status itself at the end of a reconcile, and reading the database again because of
+///   it would double the connections for nothing.
+/// - For an opted-in Deployment, what the gate decides on (pod template, `paused`, labels,
+///   annotations): a rollout's status churn would otherwise cost a reconcile per update.
+fn spec_and_metadata_trigger<K: Resource>(object: &K) -> Option<u64> {
     use std::hash::{Hash, Hasher};
-    let meta = deployment.meta();
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    meta.uid.hash(&mut hasher);
-    meta.generation.hash(&mut hasher);
-    meta.labels.hash(&mut hasher);
-    meta.annotations.hash(&mut hasher);
-    meta.deletion_timestamp
-        .as_ref()
-        .map(|t| t.0.to_string())
-        .hash(&mut hasher);
-    Some(hasher.finish())
-}
-
-/// What of a DatabaseMigration, when it changes, calls for a reconcile: its spec (the
-/// generation), labels, annotations (`schemagate.dev/retry`), finalizers and deletion.
-/// Not its status: the operator writes that itself at the end of a reconcile, and reading
-/// the database again because of it would double the connections for nothing.
-fn migration_trigger(migration: &GuardedMigration) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let meta = migration.meta();
+    let meta = object.meta();
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     meta.uid.hash(&mut hasher);
     meta.generation.hash(&mut hasher);
@@ -168,7 +152,7 @@ fn migration_trigger(migration: &GuardedMigration) -> Option<u64> {
 pub type MigrationChanges = tokio::sync::broadcast::Sender<ObjectRef<GuardedMigration>>;
 
 /// The DatabaseMigration controller over the Context's store, triggered by
-/// [`migration_trigger`] changes: every DatabaseMigration in the store when it starts (a
+/// [`spec_and_metadata_trigger`] changes: every DatabaseMigration in the store when it starts (a
 /// new leader reconciles them all), then each one the store reports changed. When it
 /// falls behind the store's reports, it takes the whole store again; the filter lets
 /// through only what changed.
@@ -177,7 +161,7 @@ fn migration_controller(
     changes: &MigrationChanges,
 ) -> Controller<GuardedMigration> {
     let triggers = store_changes(store.clone(), changes)
-        .predicate_filter(migration_trigger, Default::default());
+        .predicate_filter(spec_and_metadata_trigger, Default::default());
     Controller::for_stream(triggers, store)
 }
 
@@ -595,7 +579,7 @@ pub async fn run_controllers(
     let gate_controller = Controller::for_stream(
         opted_in_changes
             .applied_objects()
-            .predicate_filter(gate_trigger, Default::default()),
+            .predicate_filter(spec_and_metadata_trigger, Default::default()),
         reader,
     );
     let opted_in_deployments = gate_controller.store();
@@ -605,16 +589,14 @@ pub async fn run_controllers(
         .watches_stream(
             store_changes(ctx.migrations.clone(), migrations),
             move |migration| {
-                let namespace = migration.meta().namespace.clone();
-                let name = migration.meta().name.clone().unwrap_or_default();
-                opted_in_deployments
-                    .state()
-                    .into_iter()
-                    .filter(|d| {
-                        d.namespace() == namespace && d.labels().get(MIGRATION_LABEL) == Some(&name)
-                    })
-                    .map(|d| ObjectRef::from_obj(d.as_ref()))
-                    .collect::<Vec<_>>()
+                crate::context::deployments_of(
+                    &opted_in_deployments,
+                    migration.meta().namespace.as_deref().unwrap_or_default(),
+                    &migration.name_any(),
+                )
+                .iter()
+                .map(|d| ObjectRef::from_obj(d.as_ref()))
+                .collect::<Vec<_>>()
             },
         )
         .with_config(Config::default().concurrency(config.concurrency))
@@ -740,21 +722,25 @@ mod tests {
         let opted_in = [(MIGRATION_LABEL, "app-db")];
         let mut first = deployment(&opted_in, 0, "1");
         first.metadata.generation = Some(1);
-        let base = gate_trigger(&first);
+        let base = spec_and_metadata_trigger(&first);
         let mut churned = deployment(&opted_in, 3, "2");
         churned.metadata.generation = Some(1);
-        assert_eq!(gate_trigger(&churned), base, "pods turning Ready");
+        assert_eq!(
+            spec_and_metadata_trigger(&churned),
+            base,
+            "pods turning Ready"
+        );
         let mut new_spec = churned.clone();
         new_spec.metadata.generation = Some(2);
         assert_ne!(
-            gate_trigger(&new_spec),
+            spec_and_metadata_trigger(&new_spec),
             base,
             "a new pod template or paused"
         );
         let held = deployment(&[(MIGRATION_LABEL, "app-db"), (HELD_LABEL, "true")], 3, "3");
         let mut held = held;
         held.metadata.generation = Some(1);
-        assert_ne!(gate_trigger(&held), base, "a label");
+        assert_ne!(spec_and_metadata_trigger(&held), base, "a label");
     }
 
     #[test]
@@ -822,23 +808,35 @@ mod tests {
             "spec": {"database": {"engine": "postgres", "urlSecretRef": {"name": "db"}},
                 "migrator": {"image": "app:v1"}, "revision": "1"}
         });
-        let first = migration_trigger(&migration(base.clone()));
+        let first = spec_and_metadata_trigger(&migration(base.clone()));
         let mut status = base.clone();
         status["status"] = serde_json::json!({"appliedRevision": "1"});
         status["metadata"]["managedFields"] = serde_json::json!([{"manager": "schemagate"}]);
-        assert_eq!(migration_trigger(&migration(status)), first, "status only");
+        assert_eq!(
+            spec_and_metadata_trigger(&migration(status)),
+            first,
+            "status only"
+        );
         let mut spec = base.clone();
         spec["metadata"]["generation"] = 2.into();
-        assert_ne!(migration_trigger(&migration(spec)), first, "spec");
+        assert_ne!(spec_and_metadata_trigger(&migration(spec)), first, "spec");
         let mut retry = base.clone();
         retry["metadata"]["annotations"] = serde_json::json!({"schemagate.dev/retry": "1"});
-        assert_ne!(migration_trigger(&migration(retry)), first, "retry");
+        assert_ne!(spec_and_metadata_trigger(&migration(retry)), first, "retry");
         let mut deleting = base.clone();
         deleting["metadata"]["deletionTimestamp"] = "2026-11-30T00:00:00Z".into();
-        assert_ne!(migration_trigger(&migration(deleting)), first, "deletion");
+        assert_ne!(
+            spec_and_metadata_trigger(&migration(deleting)),
+            first,
+            "deletion"
+        );
         let mut recreated = base;
         recreated["metadata"]["uid"] = "u2".into();
-        assert_ne!(migration_trigger(&migration(recreated)), first, "recreated");
+        assert_ne!(
+            spec_and_metadata_trigger(&migration(recreated)),
+            first,
+            "recreated"
+        );
     }
 
     #[test]

@@ -141,6 +141,19 @@ async fn deployment_first_and_migration_later_is_held_then_released() {
     apply_manifest(&ns, "examples/incident/manifests/migration.yaml").await;
     deployment_available(&deployments, DEPLOYMENT, TIMEOUT).await;
     assert_safe_release(&finish_watch(stop, watch).await);
+    // Released: the DatabaseMigration no longer lists it.
+    wait_for(
+        &ns.api::<DatabaseMigration>(),
+        "app-db",
+        TIMEOUT,
+        "lists no held Deployment",
+        |m| {
+            m.status
+                .as_ref()
+                .is_some_and(|s| s.held_deployments.is_empty())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -523,15 +523,13 @@ async fn held_deployments(
     migration_name: &str,
 ) -> Result<Vec<String>> {
     if let Some(cache) = ctx.listed_deployments() {
-        return Ok(cache
-            .state_filter(|d| {
-                d.namespace().as_deref() == Some(namespace)
-                    && d.labels().get(MIGRATION_LABEL).map(String::as_str) == Some(migration_name)
-                    && d.annotations().contains_key(HELD_FOR_ANNOTATION)
-            })
-            .iter()
-            .map(|d| d.name_any())
-            .collect());
+        return Ok(
+            crate::context::deployments_of(&cache, namespace, migration_name)
+                .iter()
+                .filter(|d| d.annotations().contains_key(HELD_FOR_ANNOTATION))
+                .map(|d| d.name_any())
+                .collect(),
+        );
     }
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
     // Metadata only: the annotation is all this reads.
