@@ -53,6 +53,11 @@ pub struct RunArgs {
     /// at most one database connection, so this also bounds the connections at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: u16,
+    /// How often the database of a running migration Job is read, so that the Deployments
+    /// needing its revision are released as soon as the migrator commits it (one connection
+    /// per running Job; `0s` turns it off and the release waits for the migrator pod's end).
+    #[arg(long, default_value = "100ms", value_parser = parse_poll_interval)]
+    pub revision_poll_interval: std::time::Duration,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
@@ -154,6 +159,15 @@ pub struct CheckArgs {
     /// How long --wait waits, such as 90s, 10m or 1h.
     #[arg(long, default_value = "10m", value_parser = parse_timeout)]
     pub timeout: std::time::Duration,
+}
+
+fn parse_poll_interval(text: &str) -> Result<std::time::Duration, String> {
+    match text {
+        "0" | "0s" => Ok(std::time::Duration::ZERO),
+        _ => crate::duration::parse_duration(text)
+            .filter(|interval| !interval.is_zero())
+            .ok_or_else(|| format!("{text:?} is not a duration such as 100ms, 1s or 0s (off)")),
+    }
 }
 
 fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
@@ -277,6 +291,7 @@ async fn run(args: RunArgs) -> ExitCode {
         controller: ControllerConfig {
             namespace: args.watch_namespace.clone(),
             concurrency: args.concurrency.max(1),
+            revision_poll_interval: args.revision_poll_interval,
         },
         leader_election,
         metrics_addr: Some(args.metrics_addr),

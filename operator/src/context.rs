@@ -43,6 +43,12 @@ pub struct Context {
     pub held_notes: HeldNotes,
     /// The controllers' caches, while this replica runs them.
     pub caches: std::sync::RwLock<Option<Caches>>,
+    /// The databases watched while their migration Jobs run.
+    pub revision_watches: crate::migration::watch::Watches,
+    /// How often a watched database is read (`--revision-poll-interval`).
+    pub revision_poll: std::time::Duration,
+    /// One turn per DatabaseMigration, for the controller's reconciles and the watches'.
+    pub migration_locks: crate::migration::watch::ObjectLocks,
 }
 
 /// What the controllers cache, for the migration reconcile to read instead of asking the
@@ -164,6 +170,9 @@ impl Context {
             watch_namespace: None,
             held_notes: Default::default(),
             caches: Default::default(),
+            revision_watches: Default::default(),
+            revision_poll: crate::migration::watch::DEFAULT_POLL,
+            migration_locks: Default::default(),
         }
     }
 

@@ -27,6 +27,8 @@ pub struct ControllerConfig {
     pub namespace: Option<String>,
     /// Reconciles running at once, per controller.
     pub concurrency: u16,
+    /// How often the database of a running migration Job is read for its revision.
+    pub revision_poll_interval: std::time::Duration,
 }
 
 fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
@@ -629,6 +631,7 @@ pub async fn run_controllers(
         });
 
     futures::join!(migration_controller, gate_controller, left_gate_controller);
+    ctx.revision_watches.stop_all();
     ctx.set_caches(None);
 }
 

@@ -220,36 +220,114 @@ pub async fn probe_revisions(
     url: &str,
     tracking: &Tracking,
 ) -> Result<AppliedRevisions, ProbeError> {
-    let target = DatabaseUrl::parse(url)?;
-    if target.engine() != engine {
-        return Err(ProbeError::InvalidUrl {
-            problem: format!(
-                "its scheme is for {} but spec.database.engine is {}; make them agree",
-                target.engine().name(),
-                engine.name()
-            ),
-        });
-    }
-    let source = RevisionSource::from_tracking(tracking)?;
-    CONNECTIONS.inc();
-    let probe = async {
-        match engine {
-            Engine::Postgres => postgres::probe(&target, &source).await,
-            Engine::Mysql => mysql::probe(&target, &source).await,
+    let mut session = Session::new(engine, url, tracking)?;
+    let result = session.read().await;
+    session.close().await;
+    result
+}
+
+/// A connection to one database kept for reading its revisions again and again (while a
+/// migration Job runs, see [`crate::migration::watch`]), opened at the first read and
+/// again after a read that failed. Each read is the same as [`probe_revisions`]'s: its own
+/// read-only transaction under the same timeouts. Holds the URL: it has no `Debug`.
+pub struct Session {
+    engine: Engine,
+    url: String,
+    target: DatabaseUrl,
+    source: RevisionSource,
+    open: Option<Open>,
+}
+
+enum Open {
+    Postgres(sqlx::PgConnection, String),
+    Mysql(sqlx::MySqlConnection, String),
+}
+
+impl Session {
+    /// Checks the URL against the engine and the tracking settings; connects nothing yet.
+    pub fn new(engine: Engine, url: &str, tracking: &Tracking) -> Result<Self, ProbeError> {
+        let target = DatabaseUrl::parse(url).map_err(|error| scrub_error(error, url))?;
+        if target.engine() != engine {
+            return Err(ProbeError::InvalidUrl {
+                problem: format!(
+                    "its scheme is for {} but spec.database.engine is {}; make them agree",
+                    target.engine().name(),
+                    engine.name()
+                ),
+            });
         }
-    };
-    let result = match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
-        Ok(result) => result,
-        Err(_) => Err(query_failed(
-            &source,
-            format!(
-                "the database did not answer within {}s",
-                PROBE_TIMEOUT.as_secs()
-            ),
-        )),
-    };
-    // Messages are built without the URL; this is the belt to those braces.
-    result.map_err(|error| scrub_error(error, url))
+        let source = RevisionSource::from_tracking(tracking)?;
+        Ok(Self {
+            engine,
+            url: url.to_string(),
+            target,
+            source,
+            open: None,
+        })
+    }
+
+    /// What the database reports now. A failed read closes the connection: the next one
+    /// opens a new one.
+    pub async fn read(&mut self) -> Result<AppliedRevisions, ProbeError> {
+        let result = match tokio::time::timeout(PROBE_TIMEOUT, self.read_once()).await {
+            Ok(result) => result,
+            Err(_) => Err(query_failed(
+                &self.source,
+                format!(
+                    "the database did not answer within {}s",
+                    PROBE_TIMEOUT.as_secs()
+                ),
+            )),
+        };
+        // A dirty migration is the database's answer; any other failure may have left the
+        // connection broken. Dropped, not closed: it may not answer a goodbye.
+        if matches!(&result, Err(error) if !matches!(error, ProbeError::Dirty { .. })) {
+            self.open = None;
+        }
+        // Messages are built without the URL; this is the belt to those braces.
+        result.map_err(|error| scrub_error(error, &self.url))
+    }
+
+    async fn read_once(&mut self) -> Result<AppliedRevisions, ProbeError> {
+        // Taken while it reads: a read cut short by the timeout drops the connection.
+        let mut open = match self.open.take() {
+            Some(open) => open,
+            None => {
+                CONNECTIONS.inc();
+                match self.engine {
+                    Engine::Postgres => {
+                        let (conn, endpoint) = postgres::connect(&self.target).await?;
+                        Open::Postgres(conn, endpoint)
+                    }
+                    Engine::Mysql => {
+                        let (conn, endpoint) = mysql::connect(&self.target, &self.source).await?;
+                        Open::Mysql(conn, endpoint)
+                    }
+                }
+            }
+        };
+        let result = match &mut open {
+            Open::Postgres(conn, endpoint) => postgres::read(conn, &self.source, endpoint).await,
+            Open::Mysql(conn, endpoint) => mysql::read(conn, &self.source, endpoint).await,
+        };
+        self.open = Some(open);
+        result
+    }
+
+    /// Closes the connection, if one is open. The server rolls back and cleans up on
+    /// disconnect too; closing is a courtesy.
+    pub async fn close(mut self) {
+        use sqlx::Connection as _;
+        match self.open.take() {
+            Some(Open::Postgres(conn, _)) => {
+                let _ = conn.close().await;
+            }
+            Some(Open::Mysql(conn, _)) => {
+                let _ = conn.close().await;
+            }
+            None => {}
+        }
+    }
 }
 
 fn describe_source(source: &RevisionSource) -> String {

@@ -173,6 +173,7 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     let ctx = Arc::new(Context {
         watch_namespace: config.controller.namespace.clone(),
+        revision_poll: config.controller.revision_poll_interval,
         ..Context::new(client.clone(), store, metrics)
     });
     match whoami(&client).await {

@@ -69,6 +69,7 @@ async fn cluster_wide_operator_survives_api_server_and_database_restarts() {
         controller: ControllerConfig {
             namespace: None,
             concurrency: 16,
+            revision_poll_interval: schemagate::migration::watch::DEFAULT_POLL,
         },
         leader_election: None,
         metrics_addr: Some(metrics_addr),

@@ -300,6 +300,98 @@ async fn a_rails_version_merged_late_is_held_until_applied() {
     await_released(&ns, "billing").await;
 }
 
+/// The migrator commits the revision and goes on running (a long data backfill after the
+/// schema change, say): the Deployment that needs the revision is released from the
+/// database's word while the Job is still active, not when Kubernetes marks it Complete.
+/// golang-migrate's dirty flag is honoured on the way: a version marked dirty is not
+/// applied yet.
+#[tokio::test]
+async fn a_committed_revision_releases_while_the_migrator_still_runs() {
+    let (ns, url, _operator) = setup("released-while-running").await;
+    sql(
+        &url,
+        &[
+            "CREATE TABLE schema_migrations (version bigint NOT NULL PRIMARY KEY, dirty boolean NOT NULL)",
+            "INSERT INTO schema_migrations VALUES (1, false)",
+            "CREATE TABLE cleaned (at timestamptz NOT NULL)",
+        ],
+    )
+    .await;
+    let image = format!(
+        "registry.example/backfill:{}",
+        (0..8).map(|_| fastrand::lowercase()).collect::<String>()
+    );
+    ns.cluster()
+        .register_image(&image, &std::env::temp_dir(), None, None)
+        .await;
+    let adopted = migration("{ tool: golang-migrate }", &image, r#"["false"]"#, "1", "");
+    apply_migration(&ns, &adopted).await;
+    await_ready(&ns).await;
+    apply_yaml(&ns, &worker("api", "2")).await;
+    await_held(&ns, "api", "2").await;
+
+    // golang-migrate marks the version dirty while it runs a migration: not applied yet.
+    // Then the version is clean, and the migrator goes on for two minutes.
+    let command = r#"["sh", "-c", "psql \"$DATABASE_URL\" -v ON_ERROR_STOP=1 -c \"UPDATE schema_migrations SET version = 2, dirty = true\" && sleep 2 && psql \"$DATABASE_URL\" -v ON_ERROR_STOP=1 -c \"BEGIN; UPDATE schema_migrations SET dirty = false; INSERT INTO cleaned VALUES (now()); COMMIT\" && exec sleep 120"]"#;
+    apply_migration(
+        &ns,
+        &migration("{ tool: golang-migrate }", &image, command, "2", ""),
+    )
+    .await;
+    let released = wait_for(&ns.api::<Deployment>(), "api", TIMEOUT, "released", |d| {
+        held_for(d).is_none() && !paused(d)
+    })
+    .await;
+    assert!(!released.labels().contains_key(HELD_LABEL));
+    // Released on the database's word: the migrator still runs.
+    let jobs = migration_jobs(&ns).await;
+    assert_eq!(
+        jobs.len(),
+        1,
+        "revision 1 was adopted: one Job, revision 2's"
+    );
+    let status = jobs[0].status.clone().unwrap_or_default();
+    assert_eq!(status.active, Some(1), "the migrator pod is still running");
+    assert!(
+        !status
+            .conditions
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.status == "True" && (c.type_ == "Complete" || c.type_ == "Failed")),
+        "the Job has not finished"
+    );
+    // Seen released only after the version was clean: a release on the dirty version
+    // would be seen two seconds before this row exists.
+    let mut db = sqlx::PgConnection::connect(&url).await.expect("connecting");
+    let cleaned: Vec<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM clock_timestamp() - at)::float8 FROM cleaned",
+    )
+    .fetch_all(&mut db)
+    .await
+    .expect("reading when the version was clean");
+    assert_eq!(cleaned.len(), 1, "released before the version was clean");
+    // From the database's word, not from a periodic look at the running Job (a minute).
+    assert!(
+        cleaned[0] < 30.0,
+        "released {:.1}s after the version was clean",
+        cleaned[0]
+    );
+    let ready = await_ready(&ns).await;
+    assert_eq!(
+        ready.status.and_then(|s| s.applied_revision).as_deref(),
+        Some("2")
+    );
+    deployment_available(&ns.api(), "api", TIMEOUT).await;
+
+    // Its pod is not left running for two minutes.
+    for job in migration_jobs(&ns).await {
+        let _ = ns
+            .api::<Job>()
+            .delete(&job.name_any(), &kube::api::DeleteParams::background())
+            .await;
+    }
+}
+
 /// 5,000 applied versions: the status keeps the newest 256, and a Deployment needing an
 /// older one is held by the webhook, then released from a fresh read of the database.
 #[tokio::test]

@@ -195,6 +195,7 @@ impl Operator {
             controller: ControllerConfig {
                 namespace: Some(ns),
                 concurrency: 16,
+                revision_poll_interval: schemagate::migration::watch::DEFAULT_POLL,
             },
             leader_election: options.leader_election.clone(),
             metrics_addr: Some(metrics_addr),

@@ -10,12 +10,15 @@
 //! 3. [`apply`] creates the Jobs, writes the status (only when it changed), publishes the
 //!    Events.
 //!
-//! [`job`] builds the Jobs from the resource alone, with deterministic names.
+//! [`job`] builds the Jobs from the resource alone, with deterministic names. While a Job
+//! runs, [`watch`] reads its database for the revision and reconciles the moment it is
+//! there.
 
 pub mod apply;
 pub mod job;
 pub mod observe;
 pub mod plan;
+pub mod watch;
 
 #[cfg(test)]
 mod scenario_tests;
@@ -27,8 +30,9 @@ use crate::error::{Error, Result};
 use crate::report::report;
 use apply::{Applied, apply, publish, update_status};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use observe::observe;
+use observe::{Reading, observe};
 use plan::{Next, plan};
 use schemagate_crds::DatabaseMigration;
 use std::sync::Arc;
@@ -38,8 +42,13 @@ use tracing::instrument;
 const TURN_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[instrument(skip_all, fields(namespace = migration.namespace(), name = migration.name_any()))]
-async fn reconcile(migration: &DatabaseMigration, ctx: &Context) -> Result<Action> {
-    let observed = observe(ctx, migration).await?;
+async fn reconcile(
+    migration: &DatabaseMigration,
+    ctx: &Arc<Context>,
+    reading: Option<Reading>,
+) -> Result<Action> {
+    let from_watch = reading.is_some();
+    let observed = observe(ctx, migration, reading).await?;
     let plan = plan(migration, observed, ctx.now());
     match apply(ctx, migration, &plan).await {
         Ok(Applied::Done) => {}
@@ -64,6 +73,18 @@ async fn reconcile(migration: &DatabaseMigration, ctx: &Context) -> Result<Actio
         }
     }
     update_status(ctx, migration, &plan.status).await?;
+    // A watch's own reconcile leaves the watches alone: the watch ends by itself.
+    if !from_watch {
+        match plan.status.job.as_ref().map(|job| job.name.as_str()) {
+            Some(job) if plan.watch_database && !ctx.revision_poll.is_zero() => {
+                ctx.revision_watches.ensure(ctx, migration, job)
+            }
+            _ => ctx.revision_watches.stop(
+                &migration.namespace().unwrap_or_default(),
+                &migration.name_any(),
+            ),
+        }
+    }
     publish(ctx, migration, &plan.notes).await;
     match plan.next {
         Next::Requeue(after) => Ok(Action::requeue(after)),
@@ -77,8 +98,13 @@ pub async fn reconcile_migration(
     ctx: Arc<Context>,
 ) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started("migration");
+    let reference = ObjectRef::from_obj(guard.as_ref());
+    let _turn = turn(&ctx, &reference).await;
+    // After a watch's reconcile took the turn, the store may hold a newer status than the
+    // object this reconcile was started with.
+    let guard = ctx.migrations.get(&reference).unwrap_or(guard);
     let result = match &guard.0 {
-        Ok(migration) => reconcile(migration, &ctx).await,
+        Ok(migration) => reconcile(migration, &ctx, None).await,
         Err(invalid) => Err(Error::InvalidObject {
             message: invalid.error.clone(),
         }),
@@ -89,6 +115,37 @@ pub async fn reconcile_migration(
         Err(error) => report(&ctx, "migration", &guard.object_ref(&()), error).await,
     }
     result
+}
+
+/// The DatabaseMigration's turn: one reconcile of it at a time, the controller's or a
+/// watch's.
+async fn turn(
+    ctx: &Context,
+    reference: &ObjectRef<GuardedMigration>,
+) -> tokio::sync::OwnedMutexGuard<()> {
+    let key = watch::key_of(
+        reference.namespace.as_deref().unwrap_or_default(),
+        &reference.name,
+    );
+    ctx.migration_locks.lock(&key).await
+}
+
+/// The reconcile a watch starts when the database reports the revision: the same steps,
+/// with the watch's reading instead of a second one, in the DatabaseMigration's turn.
+pub async fn reconcile_with_reading(
+    ctx: &Arc<Context>,
+    reference: &ObjectRef<GuardedMigration>,
+    reading: Reading,
+) -> Result<()> {
+    let _timer = ctx.metrics.reconcile_started("migration");
+    let _turn = turn(ctx, reference).await;
+    let Some(guard) = ctx.migrations.get(reference) else {
+        return Ok(());
+    };
+    match &guard.0 {
+        Ok(migration) => reconcile(migration, ctx, Some(reading)).await.map(drop),
+        Err(_) => Ok(()),
+    }
 }
 
 /// The one reporting path for failed reconciles: a log line, a metric and a Warning Event

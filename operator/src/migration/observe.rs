@@ -102,12 +102,30 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How much of a migrator's termination message is kept.
 const MESSAGE_TAIL: usize = 700;
 
-pub async fn observe(ctx: &Context, migration: &DatabaseMigration) -> Result<Observed> {
+/// What the database reported a moment ago, read through `url` by a watch of the running
+/// attempt ([`crate::migration::watch`]): the reconcile it starts reads neither the Secret
+/// nor the database again. Holds the URL: it has no `Debug`.
+pub struct Reading {
+    pub url: String,
+    pub applied: AppliedRevisions,
+}
+
+pub async fn observe(
+    ctx: &Context,
+    migration: &DatabaseMigration,
+    reading: Option<Reading>,
+) -> Result<Observed> {
     let namespace = migration.namespace().unwrap_or_default();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let job_name = job::job_name(migration);
 
-    let url = read_database_url_with(&ctx.client, &namespace, migration).await;
+    let (url, applied) = match reading {
+        Some(reading) => (Ok(reading.url), Some(reading.applied)),
+        None => (
+            read_database_url_with(&ctx.client, &namespace, migration).await,
+            None,
+        ),
+    };
     let job = match get_job(ctx, &jobs, &namespace, &job_name).await? {
         Some(found) => Some(observe_job(ctx, &namespace, &found, url.as_deref().ok()).await?),
         None => None,
@@ -125,9 +143,10 @@ pub async fn observe(ctx: &Context, migration: &DatabaseMigration) -> Result<Obs
         }
         _ => None,
     };
-    let database = match url {
-        Ok(url) => probe_with_timeout(migration, &url).await,
-        Err(error) => Err(error),
+    let database = match (applied, url) {
+        (Some(applied), _) => Ok(applied),
+        (None, Ok(url)) => probe_with_timeout(migration, &url).await,
+        (None, Err(error)) => Err(error),
     };
     let held_deployments = held_deployments(ctx, &namespace, &migration.name_any()).await?;
     let graph_job = observe_graph_job(ctx, &jobs, &namespace, migration).await?;

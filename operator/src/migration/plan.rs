@@ -6,6 +6,7 @@ use crate::duration::parse_duration;
 use crate::error::Error;
 use crate::migration::job;
 use crate::migration::observe::{GraphJob, JobState, Observed, ObservedJob};
+use crate::probe::{AppliedRevisions, ProbeError};
 use crate::revision::{self, Answer, Applied, Graph, Scheme, Undecided};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -59,6 +60,9 @@ pub struct Plan {
     pub status: DatabaseMigrationStatus,
     pub notes: Vec<Note>,
     pub next: Next,
+    /// The attempt's Job runs (or was just created): watch its database for the revision
+    /// meanwhile ([`crate::migration::watch`]).
+    pub watch_database: bool,
 }
 
 /// The status after the API server refused to create a Job the plan asked for: the attempt
@@ -130,9 +134,22 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
         .unwrap_or(DEFAULT_DRIFT_CHECK);
 
     let graph_pending = draft.record_graph(&observed.graph_job);
-    let applied = match observed.database {
-        Ok(applied) => applied,
-        Err(error) => return draft.database_unreadable(observed.job.as_ref(), error),
+    let applied = match (observed.database, &observed.job) {
+        (Ok(applied), _) => applied,
+        // A migration marked dirty while its Job runs is the migrator at work, not a
+        // schema that needs a person.
+        (
+            Err(Error::Probe {
+                source: ProbeError::Dirty { tool, revision, .. },
+            }),
+            Some(job),
+        ) if job.state == JobState::Active && job.blocked.is_none() => {
+            let reported = format!(
+                "revision {revision} under way ({tool} marks it dirty until it is applied)"
+            );
+            return draft.running(job, &reported);
+        }
+        (Err(error), job) => return draft.database_unreadable(job.as_ref(), error),
     };
     let required = migration.spec.revision.as_str();
     let scheme = Scheme::of(&migration.spec.database.tracking);
@@ -234,6 +251,25 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
             JobState::Failed { reason } => draft.job_failed(&job, reason),
         },
     }
+}
+
+/// Whether `applied`, read from the database, satisfies the spec's revision by the same
+/// predicate a reconcile decides with (for Alembic, with the image's graph in the status).
+pub fn revision_satisfied(migration: &DatabaseMigration, applied: &AppliedRevisions) -> bool {
+    let graph = migration
+        .status
+        .as_ref()
+        .and_then(|status| status.revision_graph.as_ref())
+        .and_then(Graph::from_status);
+    revision::answer(
+        Scheme::of(&migration.spec.database.tracking),
+        Applied {
+            revisions: &applied.revisions,
+            complete: true,
+        },
+        graph.as_ref(),
+        &migration.spec.revision,
+    ) == Answer::Satisfied
 }
 
 /// Checks what the schema cannot say; the CRD's own validation catches the rest.
@@ -512,6 +548,7 @@ impl Draft<'_> {
             status: self.status,
             notes: self.notes,
             next,
+            watch_database: false,
         }
     }
 
@@ -557,7 +594,11 @@ impl Draft<'_> {
             Work::UnderWay
         };
         self.work(work, reason, &message);
-        self.finish(None, Next::Fail(error))
+        let running = job.is_some_and(|j| j.state == JobState::Active && j.blocked.is_none());
+        let mut plan = self.finish(None, Next::Fail(error));
+        // The Job goes on: its database is watched for the revision, as it comes back.
+        plan.watch_database = running;
+        plan
     }
 
     fn satisfied(mut self, job: Option<&ObservedJob>, drift_interval: Duration) -> Plan {
@@ -683,7 +724,9 @@ impl Draft<'_> {
         self.set(FAILED, Status::False, reason::MIGRATION_RUNNING, &message);
         self.work(Work::UnderWay, reason::JOB_CREATED, &message);
         self.note_on_transition(EventType::Normal, reason::JOB_CREATED, message);
-        self.finish(Some(job), Next::Requeue(RUNNING_RECHECK))
+        let mut plan = self.finish(Some(job), Next::Requeue(RUNNING_RECHECK));
+        plan.watch_database = true;
+        plan
     }
 
     fn running(mut self, job: &ObservedJob, reported: &str) -> Plan {
@@ -706,7 +749,9 @@ impl Draft<'_> {
         } else {
             STARTING_RECHECK
         };
-        self.finish(None, Next::Requeue(next))
+        let mut plan = self.finish(None, Next::Requeue(next));
+        plan.watch_database = true;
+        plan
     }
 
     /// An active Job whose pod cannot start: Stalled, with the kubelet's or the API
@@ -879,6 +924,99 @@ mod tests {
         );
         assert!(plan.create_job.is_none());
         assert_eq!(plan.status.phase, Some(Phase::Running));
+    }
+
+    #[test]
+    fn the_database_is_watched_exactly_while_the_attempts_job_runs() {
+        let migration = migration_from_yaml(MIGRATION);
+        let not_yet = || Ok(heads(&["0001"]));
+        let created = plan(&migration, observed(not_yet(), None), now());
+        assert!(created.create_job.is_some() && created.watch_database);
+        let active = job(&migration, JobState::Active, None);
+        let running = plan(&migration, observed(not_yet(), Some(active.clone())), now());
+        assert!(running.watch_database);
+        // Unreachable for a moment: the Job goes on, so does the watch (with its backoff).
+        let unreachable = Err(Error::from(ProbeError::Connect {
+            endpoint: "db:5432".into(),
+            detail: "refused".into(),
+        }));
+        assert!(
+            plan(
+                &migration,
+                observed(unreachable, Some(active.clone())),
+                now()
+            )
+            .watch_database
+        );
+        let applied = plan(
+            &migration,
+            observed(Ok(heads(&["0002"])), Some(active.clone())),
+            now(),
+        );
+        assert_eq!(applied.status.phase, Some(Phase::Succeeded));
+        assert!(
+            !applied.watch_database,
+            "the revision is there: nothing to watch for"
+        );
+        let done = job(&migration, JobState::Succeeded, None);
+        assert!(
+            !plan(
+                &migration,
+                observed(Ok(heads(&["0002"])), Some(done)),
+                now()
+            )
+            .watch_database
+        );
+        let mut blocked = active.clone();
+        blocked.blocked = Some("ErrImagePull: not found".into());
+        blocked.pod_running = false;
+        assert!(
+            !plan(&migration, observed(not_yet(), Some(blocked)), now()).watch_database,
+            "a pod that cannot start commits nothing"
+        );
+        let failed = job(
+            &migration,
+            JobState::Failed {
+                reason: "BackoffLimitExceeded".into(),
+            },
+            Some("boom"),
+        );
+        assert!(!plan(&migration, observed(not_yet(), Some(failed)), now()).watch_database);
+    }
+
+    #[test]
+    fn a_version_marked_dirty_while_its_job_runs_is_work_under_way() {
+        let mut migration = migration_from_yaml(MIGRATION);
+        migration.spec.database.tracking = schemagate_crds::Tracking {
+            tool: Some(schemagate_crds::TrackingTool::GolangMigrate),
+            query: None,
+            table: None,
+        };
+        let dirty = || {
+            Err(Error::from(ProbeError::Dirty {
+                tool: "golang-migrate",
+                revision: "2".into(),
+                remedy: "run `migrate force VERSION`",
+            }))
+        };
+        let active = job(&migration, JobState::Active, None);
+        let running = plan(&migration, observed(dirty(), Some(active)), now());
+        assert_eq!(running.status.phase, Some(Phase::Running));
+        assert!(
+            matches!(running.next, Next::Requeue(_)),
+            "no error, no Warning"
+        );
+        assert_eq!(condition(&running, PROGRESSING).reason, "JobRunning");
+        assert!(
+            condition(&running, READY)
+                .message
+                .contains("revision 2 under way")
+        );
+        assert!(running.watch_database);
+        // No Job runs: a dirty version needs a person.
+        let alone = plan(&migration, observed(dirty(), None), now());
+        assert!(matches!(alone.next, Next::Fail(_)));
+        assert_eq!(condition(&alone, READY).reason, "MigrationDirty");
     }
 
     #[test]

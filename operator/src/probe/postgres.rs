@@ -25,39 +25,32 @@ const FIND_TABLE: &str = "\
              array_position(current_schemas(false), n.nspname) \
     LIMIT 1";
 
-pub(super) async fn probe(
-    target: &DatabaseUrl,
-    source: &RevisionSource,
-) -> Result<AppliedRevisions, ProbeError> {
+/// Opens a connection to `target` within [`CONNECT_TIMEOUT`]; returns it with the
+/// endpoint it names in messages.
+pub(super) async fn connect(target: &DatabaseUrl) -> Result<(PgConnection, String), ProbeError> {
     let options = PgConnectOptions::from_str(target.sqlx_url())
         .map_err(|error| ProbeError::InvalidUrl {
             problem: format!("the PostgreSQL driver did not accept it: {error}"),
         })?
         .application_name("schemagate-probe")
-        // One connection, a few statements: caching prepared statements buys nothing.
+        // A few statements per read: caching prepared statements buys nothing.
         .statement_cache_capacity(0);
     let endpoint = match options.get_socket() {
         Some(socket) => socket.display().to_string(),
         None => format!("{}:{}", options.get_host(), options.get_port()),
     };
     let connecting = PgConnection::connect_with(&options);
-    let mut conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Err(_) => {
-            return Err(ProbeError::Connect {
-                endpoint,
-                detail: format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
-            });
-        }
-        Ok(Err(error)) => return Err(connect_error(error, &options, endpoint)),
-        Ok(Ok(conn)) => conn,
-    };
-    let result = read(&mut conn, source, &endpoint).await;
-    // The server rolls back and cleans up on disconnect too; closing is a courtesy.
-    let _ = conn.close().await;
-    result
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Err(_) => Err(ProbeError::Connect {
+            endpoint,
+            detail: format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+        }),
+        Ok(Err(error)) => Err(connect_error(error, &options, endpoint)),
+        Ok(Ok(conn)) => Ok((conn, endpoint)),
+    }
 }
 
-async fn read(
+pub(super) async fn read(
     conn: &mut PgConnection,
     source: &RevisionSource,
     endpoint: &str,
@@ -78,24 +71,29 @@ async fn read(
                 Some(table) => vec![table.clone()],
                 None => tools::default_tables(*tool, schemagate_crds::Engine::Postgres),
             };
-            let Some((schema, name)) = find_table(conn, &candidates)
+            match find_table(conn, &candidates)
                 .await
                 .map_err(|error| query_error(error, source, endpoint))?
-            else {
-                return Ok(AppliedRevisions {
+            {
+                // No version table yet: nothing is applied.
+                None => Ok(AppliedRevisions {
                     revisions: Vec::new(),
                     head_only: tools::is_head_only(*tool),
-                });
-            };
-            let dialect = Dialect::Postgres;
-            let table = format!("{}.{}", dialect.quote(&schema), dialect.quote(&name));
-            let select = tools::select_revisions(*tool, dialect, &table);
-            // The table name comes from the catalog and is quoted; the rest is constant.
-            let rows: Vec<(Option<String>, String)> = sqlx::query_as(AssertSqlSafe(select))
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(|error| table_error(error, *tool, &schema, &name, endpoint))?;
-            tools::collect_revisions(*tool, rows)?
+                }),
+                Some((schema, name)) => {
+                    let dialect = Dialect::Postgres;
+                    let table = format!("{}.{}", dialect.quote(&schema), dialect.quote(&name));
+                    let select = tools::select_revisions(*tool, dialect, &table);
+                    // The table name comes from the catalog and is quoted; the rest is constant.
+                    let rows: Vec<(Option<String>, String)> = sqlx::query_as(AssertSqlSafe(select))
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err(|error| table_error(error, *tool, &schema, &name, endpoint))?;
+                    // A failed or dirty migration is an answer, not a broken connection:
+                    // the transaction still ends below.
+                    tools::collect_revisions(*tool, rows)
+                }
+            }
         }
         RevisionSource::Query(query) => {
             // Checked to be one SELECT/WITH statement; runs read-only, prepared (so the
@@ -109,14 +107,14 @@ async fn read(
                 .map(first_column_text)
                 .filter_map(Result::transpose)
                 .collect::<Result<Vec<_>, _>>()?;
-            AppliedRevisions {
+            Ok(AppliedRevisions {
                 revisions,
                 head_only: false,
-            }
+            })
         }
     };
     let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-    Ok(applied)
+    applied
 }
 
 async fn find_table(
