@@ -131,6 +131,29 @@ pub fn answer(
     }
 }
 
+/// Whether `revisions`, read from a DatabaseMigration's database just now, satisfy its
+/// spec's revision: [`answer`] with its tracking scheme and, for Alembic, the image's graph
+/// in its status.
+pub fn satisfies_spec(
+    migration: &schemagate_crds::DatabaseMigration,
+    revisions: &[String],
+) -> bool {
+    let graph = migration
+        .status
+        .as_ref()
+        .and_then(|status| status.revision_graph.as_ref())
+        .and_then(Graph::from_status);
+    answer(
+        Scheme::of(&migration.spec.database.tracking),
+        Applied {
+            revisions,
+            complete: true,
+        },
+        graph.as_ref(),
+        &migration.spec.revision,
+    ) == Answer::Satisfied
+}
+
 fn ordered(current: &[String], required: &str) -> Answer {
     let Some(current) = current.last() else {
         return Answer::NotSatisfied;

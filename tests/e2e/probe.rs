@@ -160,6 +160,7 @@ macro_rules! on_both_engines {
 }
 
 on_both_engines!(
+    session_reads_again_on_one_connection,
     flyway_history,
     flyway_failed_migration,
     golang_migrate_head,
@@ -447,6 +448,85 @@ async fn flyway_failed_migration(engine: Engine) -> Result<()> {
         "{error:?}"
     );
     assert_error_without(&error, password_of(&url), "flyway repair")
+}
+
+/// The server's ids of the other connections to this database (the probe's), read as its
+/// owner.
+async fn other_connections(engine: Engine, url: &str) -> Result<Vec<i64>> {
+    Ok(match engine {
+        Engine::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(url).await?;
+            let ids: Vec<i32> = sqlx::query_scalar(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .fetch_all(&mut conn)
+            .await?;
+            conn.close().await?;
+            ids.into_iter().map(i64::from).collect()
+        }
+        Engine::Mysql => {
+            let mut conn = sqlx::MySqlConnection::connect(url).await?;
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "SELECT CAST(id AS SIGNED) FROM information_schema.processlist WHERE db = DATABASE() AND id <> CONNECTION_ID()",
+            )
+            .fetch_all(&mut conn)
+            .await?;
+            conn.close().await?;
+            ids
+        }
+    })
+}
+
+/// A session (the watch of a running migration Job) reads again and again on the one
+/// connection it opened: each read ends its transaction, so a table created after the
+/// first read and each new version are seen, and a version marked dirty is an answer that
+/// keeps the connection.
+async fn session_reads_again_on_one_connection(engine: Engine) -> Result<()> {
+    let url = database(engine, "session").await?;
+    let mut session = probe::Session::new(engine, &url, &tool(TrackingTool::GolangMigrate))?;
+    let nothing = session.read().await?;
+    ensure!(nothing.revisions.is_empty(), "{nothing:?}");
+    let connection = other_connections(engine, &url).await?;
+    ensure!(connection.len() == 1, "one connection open: {connection:?}");
+    execute(
+        engine,
+        &url,
+        &[
+            GOLANG_MIGRATE_DDL,
+            "INSERT INTO schema_migrations (version, dirty) VALUES (1, false)",
+        ],
+    )
+    .await?;
+    let first = session.read().await?;
+    ensure!(first.revisions == strings(&["1"]), "{first:?}");
+    execute(
+        engine,
+        &url,
+        &["UPDATE schema_migrations SET version = 2, dirty = true"],
+    )
+    .await?;
+    let dirty = session.read().await.err().context("version 2 is dirty")?;
+    ensure!(matches!(dirty, ProbeError::Dirty { .. }), "{dirty:?}");
+    execute(
+        engine,
+        &url,
+        &["UPDATE schema_migrations SET dirty = false"],
+    )
+    .await?;
+    let second = session.read().await?;
+    ensure!(second.revisions == strings(&["2"]), "{second:?}");
+    ensure!(
+        other_connections(engine, &url).await? == connection,
+        "the same connection throughout"
+    );
+    session.close().await;
+    // Closed: the server sees it go.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !other_connections(engine, &url).await?.is_empty() {
+        ensure!(Instant::now() < deadline, "the connection was not closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 async fn golang_migrate_head(engine: Engine) -> Result<()> {

@@ -78,6 +78,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - run
 - --metrics-addr=0.0.0.0:{{ .Values.metrics.port }}
 - --concurrency={{ .Values.concurrency }}
+- --revision-poll-interval={{ .Values.revisionPollInterval }}
 - --log-format={{ .Values.logFormat }}
 {{- with .Values.watchNamespace }}
 - --watch-namespace={{ . }}

@@ -119,18 +119,30 @@ pub async fn observe(
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let job_name = job::job_name(migration);
 
-    let (url, applied) = match reading {
-        Some(reading) => (Ok(reading.url), Some(reading.applied)),
-        None => (
-            read_database_url_with(&ctx.client, &namespace, migration).await,
-            None,
-        ),
+    let url = match &reading {
+        Some(reading) => Ok(reading.url.clone()),
+        None => read_database_url_with(&ctx.client, &namespace, migration).await,
     };
-    let job = match get_job(ctx, &jobs, &namespace, &job_name).await? {
-        Some(found) => Some(observe_job(ctx, &namespace, &found, url.as_deref().ok()).await?),
+    // The Job before the database: a Job seen finished was finished before the read, so a
+    // database without the revision after it is the migrator's failure, not a race.
+    let found = get_job(ctx, &jobs, &namespace, &job_name).await?;
+    let (url, database) = match (reading, url) {
+        (Some(reading), _) => (Some(reading.url), Ok(reading.applied)),
+        (None, Ok(url)) => {
+            let database = probe_with_timeout(migration, &url).await;
+            (Some(url), database)
+        }
+        (None, Err(error)) => (None, Err(error)),
+    };
+    // The revision is there: why a running Job's pod has not started does not matter.
+    let decided = database
+        .as_ref()
+        .is_ok_and(|applied| crate::revision::satisfies_spec(migration, &applied.revisions));
+    let job = match found {
+        Some(found) => Some(observe_job(ctx, &namespace, &found, url.as_deref(), decided).await?),
         None => None,
     };
-    let database_key = job::database_key(migration, url.as_deref().ok());
+    let database_key = job::database_key(migration, url.as_deref());
     let other_active_job = if job.is_none() {
         other_active_job(ctx, migration, &database_key, &job_name).await?
     } else {
@@ -142,11 +154,6 @@ pub async fn observe(
             stuck_earlier_job(ctx, &jobs, &namespace, migration, other).await?
         }
         _ => None,
-    };
-    let database = match (applied, url) {
-        (Some(applied), _) => Ok(applied),
-        (None, Ok(url)) => probe_with_timeout(migration, &url).await,
-        (None, Err(error)) => Err(error),
     };
     let held_deployments = held_deployments(ctx, &namespace, &migration.name_any()).await?;
     let graph_job = observe_graph_job(ctx, &jobs, &namespace, migration).await?;
@@ -319,6 +326,7 @@ async fn observe_job(
     namespace: &str,
     found: &Job,
     url: Option<&str>,
+    revision_applied: bool,
 ) -> Result<ObservedJob> {
     let name = found.name_any();
     let status = found.status.clone().unwrap_or_default();
@@ -335,7 +343,7 @@ async fn observe_job(
         JobState::Active
     };
     let pod_running = status.ready.unwrap_or(0) > 0;
-    let blocked = if state == JobState::Active && !pod_running {
+    let blocked = if state == JobState::Active && !pod_running && !revision_applied {
         why_not_started(ctx, namespace, &name)
             .await?
             .map(|why| scrub(&why, url))

@@ -6,7 +6,7 @@ use crate::duration::parse_duration;
 use crate::error::Error;
 use crate::migration::job;
 use crate::migration::observe::{GraphJob, JobState, Observed, ObservedJob};
-use crate::probe::{AppliedRevisions, ProbeError};
+use crate::probe::ProbeError;
 use crate::revision::{self, Answer, Applied, Graph, Scheme, Undecided};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -251,25 +251,6 @@ pub fn plan(migration: &DatabaseMigration, observed: Observed, now: Timestamp) -
             JobState::Failed { reason } => draft.job_failed(&job, reason),
         },
     }
-}
-
-/// Whether `applied`, read from the database, satisfies the spec's revision by the same
-/// predicate a reconcile decides with (for Alembic, with the image's graph in the status).
-pub fn revision_satisfied(migration: &DatabaseMigration, applied: &AppliedRevisions) -> bool {
-    let graph = migration
-        .status
-        .as_ref()
-        .and_then(|status| status.revision_graph.as_ref())
-        .and_then(Graph::from_status);
-    revision::answer(
-        Scheme::of(&migration.spec.database.tracking),
-        Applied {
-            revisions: &applied.revisions,
-            complete: true,
-        },
-        graph.as_ref(),
-        &migration.spec.revision,
-    ) == Answer::Satisfied
 }
 
 /// Checks what the schema cannot say; the CRD's own validation catches the rest.

@@ -21,7 +21,6 @@
 use crate::context::{Context, GuardedMigration};
 use crate::migration::job;
 use crate::migration::observe::{Reading, read_database_url_with};
-use crate::migration::plan::revision_satisfied;
 use crate::probe::Session;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
@@ -175,7 +174,7 @@ async fn watch(ctx: Arc<Context>, watched: Watched) {
             continue;
         };
         match open.read().await {
-            Ok(applied) if revision_satisfied(&migration, &applied) => {
+            Ok(applied) if crate::revision::satisfies_spec(&migration, &applied.revisions) => {
                 let reading = Reading {
                     url: url.clone(),
                     applied,
