@@ -289,7 +289,9 @@ impl JobTriggers {
 /// What of a migrator pod calls for a reconcile, each noticed once per pod:
 /// - that it ended: the database is read again as soon as a migrator's process ends, not
 ///   only when the Job controller marks its Job Complete (that comes up to a second later,
-///   batched). Whether the revision is applied is still decided by that read alone;
+///   batched). Whether the revision is applied is still decided by that read alone. While
+///   a watch of the Job's database runs ([`crate::migration::watch`]), that watch reads at
+///   once instead, on its open connection;
 /// - each reason it cannot start (`ErrImagePull`, `CreateContainerConfigError`, ... see
 ///   [`observe::CANNOT_START`]): the status says so as soon as the kubelet reports it,
 ///   not at the reconcile's next recheck.
@@ -313,12 +315,7 @@ impl MigratorPodTriggers {
                 .flatten()
                 .chain(status.container_statuses.iter().flatten())
         };
-        let ended = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
-            || status
-                .container_statuses
-                .iter()
-                .flatten()
-                .any(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some()));
+        let ended = pod_ended(pod);
         let uid = pod.uid().unwrap_or_default();
         let news = if ended {
             uid
@@ -342,6 +339,19 @@ impl MigratorPodTriggers {
             ObjectRef::<GuardedMigration>::new(owner).within(&pod.namespace().unwrap_or_default())
         })
     }
+}
+
+/// Whether a migrator pod's process ended (its phase, or a container terminated).
+fn pod_ended(pod: &Pod) -> bool {
+    let Some(status) = pod.status.as_ref() else {
+        return false;
+    };
+    matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
+        || status
+            .container_statuses
+            .iter()
+            .flatten()
+            .any(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some()))
 }
 
 /// Tells the migration controller of the opted-in Deployment changes [`deployment_trigger`]
@@ -512,6 +522,7 @@ pub async fn run_controllers(
         Some((Ok::<_, watcher::Error>(deployment), from_gate))
     });
     let pod_triggers = MigratorPodTriggers::default();
+    let watches_ctx = ctx.clone();
     let pods: Api<Pod> = scoped(&client, &config.namespace);
     let migrator_pods = watcher::Config::default().labels(&format!(
         "{}={},{}",
@@ -557,7 +568,15 @@ pub async fn run_controllers(
             owner.into_iter().chain(waiting)
         })
         .watches(pods, migrator_pods, move |pod| {
-            pod_triggers.migration_to_reconcile(&pod)
+            let migration = pod_triggers.migration_to_reconcile(&pod)?;
+            // A watch of its database runs: it reads at once on its open connection, and
+            // reconciles if the revision is there; the Job's end reconciles in any case.
+            let watching = pod_ended(&pod)
+                && watches_ctx.revision_watches.poke(
+                    migration.namespace.as_deref().unwrap_or_default(),
+                    &migration.name,
+                );
+            (!watching).then_some(migration)
         })
         .watches_stream(deployment_changes, |deployment| migration_of(&deployment))
         .with_config(Config::default().concurrency(config.concurrency))

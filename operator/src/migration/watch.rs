@@ -11,6 +11,7 @@
 //!
 //! - One watch per DatabaseMigration and attempt (the Job's name), started by the reconcile
 //!   that creates the Job or finds it running ([`super::plan::Plan::watch_database`]).
+//! - A migrator pod that ended wakes it for a read at once, in place of a reconcile.
 //! - It ends when the revision is there, when a reconcile finds the attempt no longer
 //!   running, when the resource changes or is deleted, and when this replica stops leading.
 //! - A watch and the controller's reconciles of the same DatabaseMigration take turns
@@ -52,6 +53,8 @@ struct Running {
     job: String,
     id: u64,
     task: tokio::task::AbortHandle,
+    /// Wakes the watch for a read at once (its migrator pod ended).
+    poke: Arc<tokio::sync::Notify>,
 }
 
 impl Watches {
@@ -75,16 +78,30 @@ impl Watches {
             job: job.to_string(),
             id,
         };
-        let task = tokio::spawn(watch(ctx.clone(), watched)).abort_handle();
+        let poke = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(watch(ctx.clone(), watched, poke.clone())).abort_handle();
         if let Some(earlier) = running.insert(
             key,
             Running {
                 job: job.to_string(),
                 id,
                 task,
+                poke,
             },
         ) {
             earlier.task.abort();
+        }
+    }
+
+    /// Has the watch of this DatabaseMigration, if one runs, read its database at once;
+    /// whether one runs.
+    pub fn poke(&self, namespace: &str, name: &str) -> bool {
+        match lock(&self.running).get(&key_of(namespace, name)) {
+            Some(running) => {
+                running.poke.notify_one();
+                true
+            }
+            None => false,
         }
     }
 
@@ -149,12 +166,15 @@ impl Watched {
     }
 }
 
-async fn watch(ctx: Arc<Context>, watched: Watched) {
+async fn watch(ctx: Arc<Context>, watched: Watched, poke: Arc<tokio::sync::Notify>) {
     let mut session = None;
     let mut failures = 0u32;
     let mut wait = Duration::ZERO;
     loop {
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = poke.notified() => {}
+        }
         wait = ctx.revision_poll;
         let Some(migration) = watched.current(&ctx) else {
             break;
