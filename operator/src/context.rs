@@ -9,7 +9,10 @@ use kube::core::DeserializeGuard;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use schemagate_crds::DatabaseMigration;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 /// The field manager of every write schemagate makes.
 pub const FIELD_MANAGER: &str = "schemagate";
@@ -44,11 +47,11 @@ pub struct Context {
     /// The controllers' caches, while this replica runs them.
     pub caches: std::sync::RwLock<Option<Caches>>,
     /// The databases watched while their migration Jobs run.
-    pub revision_watches: crate::migration::watch::Watches,
+    pub revision_watches: Watches,
     /// How often a watched database is read (`--revision-poll-interval`).
     pub revision_poll: std::time::Duration,
     /// One turn per DatabaseMigration, for the controller's reconciles and the watches'.
-    pub migration_locks: crate::migration::watch::ObjectLocks,
+    pub migration_locks: ObjectLocks,
 }
 
 /// What the controllers cache, for the migration reconcile to read instead of asking the
@@ -148,6 +151,144 @@ impl HeldNotes {
     }
 }
 
+/// Default of `--revision-poll-interval`.
+pub const DEFAULT_REVISION_POLL: Duration = Duration::from_millis(100);
+
+/// The key of a DatabaseMigration in [`Watches`] and [`ObjectLocks`].
+pub fn key_of(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// The running watches of migration Jobs' databases ([`crate::migration::watch`]), one per
+/// DatabaseMigration.
+#[derive(Default)]
+pub struct Watches {
+    running: Mutex<HashMap<String, Running>>,
+    serial: AtomicU64,
+}
+
+struct Running {
+    job: String,
+    id: u64,
+    task: tokio::task::AbortHandle,
+    /// Wakes the watch for a read at once (its migrator pod ended).
+    poke: Arc<tokio::sync::Notify>,
+}
+
+impl Watches {
+    /// Runs the watch `start` spawns (given its id and wake-up) for attempt `job` of the
+    /// DatabaseMigration `key`, unless a watch of that attempt runs; a watch of an earlier
+    /// attempt is stopped.
+    pub fn ensure(
+        &self,
+        key: String,
+        job: &str,
+        start: impl FnOnce(u64, Arc<tokio::sync::Notify>) -> tokio::task::AbortHandle,
+    ) {
+        let mut running = lock(&self.running);
+        if running
+            .get(&key)
+            .is_some_and(|r| r.job == job && !r.task.is_finished())
+        {
+            return;
+        }
+        let id = self.serial.fetch_add(1, Ordering::Relaxed);
+        let poke = Arc::new(tokio::sync::Notify::new());
+        let task = start(id, poke.clone());
+        if let Some(earlier) = running.insert(
+            key,
+            Running {
+                job: job.to_string(),
+                id,
+                task,
+                poke,
+            },
+        ) {
+            earlier.task.abort();
+        }
+    }
+
+    /// Has the watch of this DatabaseMigration, if one runs, read its database at once;
+    /// whether one runs.
+    pub fn poke(&self, namespace: &str, name: &str) -> bool {
+        match lock(&self.running).get(&key_of(namespace, name)) {
+            Some(running) => {
+                running.poke.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops the watch of this DatabaseMigration, if one runs.
+    pub fn stop(&self, namespace: &str, name: &str) {
+        if let Some(running) = lock(&self.running).remove(&key_of(namespace, name)) {
+            running.task.abort();
+        }
+    }
+
+    /// Stops every watch: this replica no longer runs the controllers.
+    pub fn stop_all(&self) {
+        for (_, running) in lock(&self.running).drain() {
+            running.task.abort();
+        }
+    }
+
+    /// How many watches run.
+    pub fn len(&self) -> usize {
+        lock(&self.running).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A watch that ended on its own leaves the registry, unless a newer one took its place.
+    pub fn ended(&self, key: &str, id: u64) {
+        let mut running = lock(&self.running);
+        if running.get(key).is_some_and(|r| r.id == id) {
+            running.remove(key);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// One lock per DatabaseMigration, taken by every reconcile of it: the controller never
+/// runs two reconciles of one object at once, and a watch's reconcile joins that rule.
+/// Locks nobody holds or waits for are forgotten.
+#[derive(Default)]
+pub struct ObjectLocks {
+    locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl ObjectLocks {
+    const PRUNE_AT: usize = 1024;
+
+    pub async fn lock(&self, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let mutex = {
+            let mut locks = lock(&self.locks);
+            match locks.get(key).and_then(Weak::upgrade) {
+                Some(mutex) => mutex,
+                None => {
+                    if locks.len() >= Self::PRUNE_AT {
+                        locks.retain(|_, weak| weak.strong_count() > 0);
+                    }
+                    let mutex = Arc::new(tokio::sync::Mutex::new(()));
+                    locks.insert(key.to_string(), Arc::downgrade(&mutex));
+                    mutex
+                }
+            }
+        };
+        mutex.lock_owned().await
+    }
+}
+
 impl Context {
     pub fn new(
         client: Client,
@@ -171,7 +312,7 @@ impl Context {
             held_notes: Default::default(),
             caches: Default::default(),
             revision_watches: Default::default(),
-            revision_poll: crate::migration::watch::DEFAULT_POLL,
+            revision_poll: DEFAULT_REVISION_POLL,
             migration_locks: Default::default(),
         }
     }
@@ -248,5 +389,44 @@ mod tests {
         assert!(notes.is_news("uid-1", Some(2), failed));
         notes.clear();
         assert!(notes.is_news("uid-2", Some(1), needs));
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn reconciles_of_one_object_take_turns_and_others_do_not_wait() {
+        let locks = Arc::new(ObjectLocks::default());
+        let held = locks.lock("ns/a").await;
+        // Another object: not blocked.
+        let other = tokio::time::timeout(Duration::from_millis(100), locks.lock("ns/b")).await;
+        assert!(other.is_ok(), "a lock of another object does not wait");
+        // The same object waits until the first guard is dropped.
+        let waiting = {
+            let locks = locks.clone();
+            tokio::spawn(async move {
+                let _guard = locks.lock("ns/a").await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the same object waits its turn");
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn locks_nobody_holds_are_forgotten() {
+        let locks = ObjectLocks::default();
+        for i in 0..(ObjectLocks::PRUNE_AT * 3) {
+            drop(locks.lock(&format!("ns/m{i}")).await);
+        }
+        assert!(lock(&locks.locks).len() <= ObjectLocks::PRUNE_AT);
     }
 }

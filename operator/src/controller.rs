@@ -494,6 +494,14 @@ pub async fn run_controllers(
     shutdown: impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
 ) {
     ctx.held_notes.clear();
+    // The watches of running Jobs' databases stop with the controllers' term (a lost
+    // Lease, shutdown) at once, not after the last reconcile has finished.
+    let term_ended = shutdown();
+    let watches_ctx = ctx.clone();
+    tokio::spawn(async move {
+        term_ended.await;
+        watches_ctx.revision_watches.stop_all();
+    });
     let client = ctx.client.clone();
     let jobs: Api<Job> = scoped(&client, &config.namespace);
     let deployments: Api<Deployment> = scoped(&client, &config.namespace);

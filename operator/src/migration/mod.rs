@@ -77,7 +77,7 @@ async fn reconcile(
     if !from_watch {
         match plan.status.job.as_ref().map(|job| job.name.as_str()) {
             Some(job) if plan.watch_database && !ctx.revision_poll.is_zero() => {
-                ctx.revision_watches.ensure(ctx, migration, job)
+                watch::start(ctx, migration, job)
             }
             _ => ctx.revision_watches.stop(
                 &migration.namespace().unwrap_or_default(),
@@ -123,7 +123,7 @@ async fn turn(
     ctx: &Context,
     reference: &ObjectRef<GuardedMigration>,
 ) -> tokio::sync::OwnedMutexGuard<()> {
-    let key = watch::key_of(
+    let key = crate::context::key_of(
         reference.namespace.as_deref().unwrap_or_default(),
         &reference.name,
     );
@@ -131,10 +131,13 @@ async fn turn(
 }
 
 /// The reconcile a watch starts when the database reports the revision: the same steps,
-/// with the watch's reading instead of a second one, in the DatabaseMigration's turn.
+/// with the watch's reading instead of a second one, in the DatabaseMigration's turn, and
+/// only while the object is still the attempt the watch read for (`still_watched`, checked
+/// again in the turn: the spec may have changed while the watch waited for it).
 pub async fn reconcile_with_reading(
     ctx: &Arc<Context>,
     reference: &ObjectRef<GuardedMigration>,
+    still_watched: impl Fn(&DatabaseMigration) -> bool,
     reading: Reading,
 ) -> Result<()> {
     let _timer = ctx.metrics.reconcile_started("migration");
@@ -143,8 +146,10 @@ pub async fn reconcile_with_reading(
         return Ok(());
     };
     match &guard.0 {
-        Ok(migration) => reconcile(migration, ctx, Some(reading)).await.map(drop),
-        Err(_) => Ok(()),
+        Ok(migration) if still_watched(migration) => {
+            reconcile(migration, ctx, Some(reading)).await.map(drop)
+        }
+        _ => Ok(()),
     }
 }
 

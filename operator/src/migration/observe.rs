@@ -103,8 +103,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 const MESSAGE_TAIL: usize = 700;
 
 /// What the database reported a moment ago, read through `url` by a watch of the running
-/// attempt ([`crate::migration::watch`]): the reconcile it starts reads neither the Secret
-/// nor the database again. Holds the URL: it has no `Debug`.
+/// attempt ([`crate::migration::watch`]): the reconcile it starts does not read the database
+/// again while the Secret still holds that URL. Holds the URL: it has no `Debug`.
 pub struct Reading {
     pub url: String,
     pub applied: AppliedRevisions,
@@ -119,20 +119,20 @@ pub async fn observe(
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let job_name = job::job_name(migration);
 
-    let url = match &reading {
-        Some(reading) => Ok(reading.url.clone()),
-        None => read_database_url_with(&ctx.client, &namespace, migration).await,
-    };
+    // Read even with a watch's reading: a reading through another URL than the Secret's now
+    // says nothing about the database it names, and the database is read again below.
+    let url = read_database_url_with(&ctx.client, &namespace, migration).await;
+    let reading = reading.filter(|reading| url.as_deref().is_ok_and(|url| *url == reading.url));
     // The Job before the database: a Job seen finished was finished before the read, so a
     // database without the revision after it is the migrator's failure, not a race.
     let found = get_job(ctx, &jobs, &namespace, &job_name).await?;
     let (url, database) = match (reading, url) {
-        (Some(reading), _) => (Some(reading.url), Ok(reading.applied)),
+        (Some(reading), Ok(url)) => (Some(url), Ok(reading.applied)),
         (None, Ok(url)) => {
             let database = probe_with_timeout(migration, &url).await;
             (Some(url), database)
         }
-        (None, Err(error)) => (None, Err(error)),
+        (_, Err(error)) => (None, Err(error)),
     };
     // The revision is there: why a running Job's pod has not started does not matter.
     let decided = database

@@ -208,6 +208,49 @@ async fn unreachable_database_creates_no_job() {
         .unwrap();
 }
 
+/// A watch read the revision through the URL the Secret held then; the Secret now names
+/// another database. The reading decides nothing: the database the Secret names is read
+/// (here it is unreachable), and nothing is Ready.
+#[tokio::test]
+async fn a_watchs_reading_through_a_url_the_secret_no_longer_holds_decides_nothing() {
+    let (ctx, mut handle) = context();
+    let verifier = tokio::spawn(async move {
+        expect(&mut handle, "GET", "/api/v1/namespaces/prod/secrets/app-db-url", |_| {
+            let url = "postgres://app:n3w-pw@127.0.0.1:1/app";
+            json(200, serde_json::json!({"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "app-db-url"}, "data": {"url": encode(url)}}))
+        })
+        .await;
+        expect_job_and_deployment_reads(&mut handle).await;
+        let status = expect(&mut handle, "PATCH", "/apis/schemagate.dev/v1alpha1/namespaces/prod/databasemigrations/app-db/status", |body| json(200, serde_json::json!({"apiVersion": "schemagate.dev/v1alpha1", "kind": "DatabaseMigration", "metadata": {"name": "app-db"}, "spec": serde_yaml::from_str::<serde_json::Value>(MIGRATION).unwrap()["spec"], "status": body["status"]}))).await;
+        let ready = status["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Ready")
+            .unwrap()
+            .clone();
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "DatabaseUnreachable");
+    });
+    let migration = crate::testing::migration_from_yaml(MIGRATION);
+    let reading = crate::migration::observe::Reading {
+        url: "postgres://app:old-pw@127.0.0.1:2/old".to_string(),
+        applied: crate::probe::AppliedRevisions {
+            revisions: vec!["0002".to_string()],
+            head_only: true,
+        },
+    };
+    let result = super::reconcile(&migration, &ctx, Some(reading)).await;
+    assert!(
+        result.is_err(),
+        "the database the Secret names is unreachable"
+    );
+    tokio::time::timeout(Duration::from_secs(1), verifier)
+        .await
+        .expect("every expected API call was made")
+        .unwrap();
+}
+
 fn encode(text: &str) -> String {
     serde_json::to_value(k8s_openapi::ByteString(text.as_bytes().to_vec()))
         .unwrap()
