@@ -52,6 +52,11 @@ pub struct Context {
     pub revision_poll: std::time::Duration,
     /// One turn per DatabaseMigration, for the controller's reconciles and the watches'.
     pub migration_locks: ObjectLocks,
+    /// What databases reported a moment ago, before the statuses can say so.
+    pub fresh_readings: FreshReadings,
+    /// Tells the controllers a DatabaseMigration changed without a change in the store (a
+    /// [`FreshReading`] of its database).
+    pub migration_changes: Option<tokio::sync::broadcast::Sender<ObjectRef<GuardedMigration>>>,
 }
 
 /// What the controllers cache, for the migration reconcile to read instead of asking the
@@ -259,6 +264,106 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
+/// How long a [`FreshReading`] may speak for a database without a status written after it:
+/// past this, the status decides again (a replica whose status writes keep failing must not
+/// trust an old reading for long).
+pub const FRESH_READING_LIMIT: Duration = Duration::from_secs(60);
+
+/// The revisions a database reported a moment ago, read by this replica through the URL its
+/// Secret holds (the Secret read again after the database), before the DatabaseMigration's
+/// status can say so. The gate decides from it, as it does from the status, until the store
+/// holds a status written from a reading at least as new ([`FreshReadings::covering`]).
+#[derive(Clone, Debug)]
+pub struct FreshReading {
+    /// The DatabaseMigration it was read for, and the database its spec named then (its
+    /// fingerprint, as the status's `observedDatabase`).
+    pub uid: Option<String>,
+    pub fingerprint: String,
+    pub applied: crate::probe::AppliedRevisions,
+    /// When the read began.
+    pub read_at: std::time::Instant,
+}
+
+/// The [`FreshReading`]s of this replica, one per DatabaseMigration.
+#[derive(Default)]
+pub struct FreshReadings {
+    readings: Mutex<HashMap<String, Fresh>>,
+}
+
+struct Fresh {
+    reading: FreshReading,
+    /// The resourceVersion of the first status written since from a reading at least as
+    /// new: once the store holds it (or newer), the status speaks again.
+    superseded_by: Option<String>,
+}
+
+impl FreshReadings {
+    const REMEMBERED: usize = 4096;
+
+    /// Remembers what the database of DatabaseMigration `key` reports now.
+    pub fn record(&self, key: String, reading: FreshReading) {
+        let mut readings = lock(&self.readings);
+        if readings.len() >= Self::REMEMBERED {
+            readings.retain(|_, fresh| fresh.reading.read_at.elapsed() < FRESH_READING_LIMIT);
+        }
+        readings.insert(
+            key,
+            Fresh {
+                reading,
+                superseded_by: None,
+            },
+        );
+    }
+
+    /// A status of DatabaseMigration `key` is stored at `resource_version`, written (or
+    /// found unchanged) from a database read that began at `read_at`.
+    pub fn status_written(&self, key: &str, read_at: std::time::Instant, resource_version: &str) {
+        if let Some(fresh) = lock(&self.readings).get_mut(key)
+            && fresh.superseded_by.is_none()
+            && read_at >= fresh.reading.read_at
+        {
+            fresh.superseded_by = Some(resource_version.to_string());
+        }
+    }
+
+    /// The revisions the reading of DatabaseMigration `key` reports, while it still speaks
+    /// for the object the store holds: the same object (`uid`) and database
+    /// (`fingerprint`), no status from a newer reading in the store yet (`resource_version`
+    /// is the stored object's), and younger than [`FRESH_READING_LIMIT`].
+    pub fn covering(
+        &self,
+        key: &str,
+        uid: Option<&str>,
+        fingerprint: &str,
+        resource_version: Option<&str>,
+    ) -> Option<crate::probe::AppliedRevisions> {
+        let mut readings = lock(&self.readings);
+        let fresh = readings.get(key)?;
+        let stored_holds = |written: &str| match (
+            resource_version.and_then(|rv| rv.parse::<u64>().ok()),
+            written.parse::<u64>().ok(),
+        ) {
+            (Some(stored), Some(written)) => stored >= written,
+            _ => resource_version == Some(written),
+        };
+        let speaks = fresh.reading.uid.as_deref() == uid
+            && fresh.reading.fingerprint == fingerprint
+            && fresh.reading.read_at.elapsed() < FRESH_READING_LIMIT
+            && !fresh.superseded_by.as_deref().is_some_and(stored_holds);
+        if speaks {
+            Some(fresh.reading.applied.clone())
+        } else {
+            readings.remove(key);
+            None
+        }
+    }
+
+    /// Forgets them all: this replica's term as leader began or ended.
+    pub fn clear(&self) {
+        lock(&self.readings).clear();
+    }
+}
+
 /// One lock per DatabaseMigration, taken by every reconcile of it: the controller never
 /// runs two reconciles of one object at once, and a watch's reconcile joins that rule.
 /// Locks nobody holds or waits for are forgotten.
@@ -314,6 +419,8 @@ impl Context {
             revision_watches: Default::default(),
             revision_poll: DEFAULT_REVISION_POLL,
             migration_locks: Default::default(),
+            fresh_readings: Default::default(),
+            migration_changes: None,
         }
     }
 
@@ -346,6 +453,16 @@ impl Context {
         self.caches()?
             .jobs
             .get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// Has the controllers look at DatabaseMigration `reference` again as if it changed:
+    /// the gate decides its workloads anew (a [`FreshReading`] of its database), the
+    /// migration controller sees nothing new in it.
+    pub fn announce(&self, reference: ObjectRef<GuardedMigration>) {
+        if let Some(changes) = &self.migration_changes {
+            // No receiver (not leading) is no error.
+            let _ = changes.send(reference);
+        }
     }
 
     pub fn now(&self) -> Timestamp {
@@ -428,5 +545,93 @@ mod lock_tests {
             drop(locks.lock(&format!("ns/m{i}")).await);
         }
         assert!(lock(&locks.locks).len() <= ObjectLocks::PRUNE_AT);
+    }
+}
+
+#[cfg(test)]
+mod fresh_reading_tests {
+    use super::*;
+    use crate::probe::AppliedRevisions;
+    use std::time::Instant;
+
+    fn reading(read_at: Instant) -> FreshReading {
+        FreshReading {
+            uid: Some("uid-1".into()),
+            fingerprint: "db-a".into(),
+            applied: AppliedRevisions {
+                revisions: vec!["2".into()],
+                head_only: true,
+            },
+            read_at,
+        }
+    }
+
+    fn covers(readings: &FreshReadings, uid: &str, fingerprint: &str, rv: &str) -> bool {
+        readings
+            .covering("ns/app-db", Some(uid), fingerprint, Some(rv))
+            .is_some()
+    }
+
+    #[test]
+    fn a_reading_speaks_until_the_store_holds_a_status_from_one_as_new() {
+        let readings = FreshReadings::default();
+        let earlier = Instant::now();
+        let read_at = earlier + Duration::from_millis(5);
+        readings.record("ns/app-db".into(), reading(read_at));
+        assert!(covers(&readings, "uid-1", "db-a", "10"));
+        // A reconcile that read the database before the reading wrote its (older) status:
+        // the store taking it does not end the reading, whatever it says.
+        readings.status_written("ns/app-db", earlier, "11");
+        assert!(covers(&readings, "uid-1", "db-a", "11"));
+        // The status from the reading itself (or a newer one) is written at 12...
+        readings.status_written("ns/app-db", read_at, "12");
+        readings.status_written("ns/app-db", read_at + Duration::from_millis(1), "13");
+        // ...and speaks from the moment the store holds it.
+        assert!(covers(&readings, "uid-1", "db-a", "11"));
+        assert!(!covers(&readings, "uid-1", "db-a", "12"));
+        assert!(
+            !covers(&readings, "uid-1", "db-a", "11"),
+            "forgotten once superseded"
+        );
+    }
+
+    #[test]
+    fn a_reading_speaks_only_for_its_object_and_database() {
+        let readings = FreshReadings::default();
+        readings.record("ns/app-db".into(), reading(Instant::now()));
+        assert!(
+            !covers(&readings, "uid-1", "db-b", "10"),
+            "another database"
+        );
+        readings.record("ns/app-db".into(), reading(Instant::now()));
+        assert!(!covers(&readings, "uid-2", "db-a", "10"), "a new object");
+        assert!(
+            readings
+                .covering("ns/other", Some("uid-1"), "db-a", Some("10"))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_reading_without_a_status_after_it_lapses() {
+        let readings = FreshReadings::default();
+        let Some(long_ago) = Instant::now().checked_sub(FRESH_READING_LIMIT) else {
+            return;
+        };
+        readings.record("ns/app-db".into(), reading(long_ago));
+        assert!(!covers(&readings, "uid-1", "db-a", "10"));
+        readings.record("ns/app-db".into(), reading(Instant::now()));
+        readings.clear();
+        assert!(!covers(&readings, "uid-1", "db-a", "10"), "a term ended");
+    }
+
+    #[test]
+    fn resource_versions_that_are_not_numbers_compare_only_as_equal() {
+        let readings = FreshReadings::default();
+        let read_at = Instant::now();
+        readings.record("ns/app-db".into(), reading(read_at));
+        readings.status_written("ns/app-db", read_at, "b");
+        assert!(covers(&readings, "uid-1", "db-a", "a"));
+        assert!(!covers(&readings, "uid-1", "db-a", "b"));
     }
 }

@@ -494,13 +494,16 @@ pub async fn run_controllers(
     shutdown: impl Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
 ) {
     ctx.held_notes.clear();
+    ctx.fresh_readings.clear();
     // The watches of running Jobs' databases stop with the controllers' term (a lost
-    // Lease, shutdown) at once, not after the last reconcile has finished.
+    // Lease, shutdown) at once, not after the last reconcile has finished; their readings
+    // no longer speak for the databases (another replica writes the statuses now).
     let term_ended = shutdown();
     let watches_ctx = ctx.clone();
     tokio::spawn(async move {
         term_ended.await;
         watches_ctx.revision_watches.stop_all();
+        watches_ctx.fresh_readings.clear();
     });
     let client = ctx.client.clone();
     let jobs: Api<Job> = scoped(&client, &config.namespace);
@@ -575,16 +578,26 @@ pub async fn run_controllers(
             };
             owner.into_iter().chain(waiting)
         })
-        .watches(pods, migrator_pods, move |pod| {
-            let migration = pod_triggers.migration_to_reconcile(&pod)?;
-            // A watch of its database runs: it reads at once on its open connection, and
-            // reconciles if the revision is there; the Job's end reconciles in any case.
-            let watching = pod_ended(&pod)
-                && watches_ctx.revision_watches.poke(
-                    migration.namespace.as_deref().unwrap_or_default(),
-                    &migration.name,
-                );
-            (!watching).then_some(migration)
+        .watches(pods, migrator_pods, {
+            let pods_store = ctx.migrations.clone();
+            move |pod| {
+                let migration = pod_triggers.migration_to_reconcile(&pod)?;
+                // A watch of its database runs: it reads at once on its open connection, and
+                // reconciles if the revision is there. Or the status already reports the
+                // revision: an early read has nothing to add. The Job's end reconciles in any
+                // case.
+                let early_read_needed = !pod_ended(&pod)
+                    || !(watches_ctx.revision_watches.poke(
+                        migration.namespace.as_deref().unwrap_or_default(),
+                        &migration.name,
+                    ) || pods_store.get(&migration).is_some_and(|guard| {
+                        guard
+                            .0
+                            .as_ref()
+                            .is_ok_and(migration::status_holds_spec_revision)
+                    }));
+                early_read_needed.then_some(migration)
+            }
         })
         .watches_stream(deployment_changes, |deployment| migration_of(&deployment))
         .with_config(Config::default().concurrency(config.concurrency))

@@ -174,6 +174,7 @@ pub async fn run(
     let ctx = Arc::new(Context {
         watch_namespace: config.controller.namespace.clone(),
         revision_poll: config.controller.revision_poll_interval,
+        migration_changes: Some(changes.clone()),
         ..Context::new(client.clone(), store, metrics)
     });
     match whoami(&client).await {

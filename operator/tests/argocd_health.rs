@@ -105,6 +105,7 @@ fn observed(database: Result<AppliedRevisions, Error>, job: Option<ObservedJob>)
         database,
         held_deployments: vec![],
         graph_job: GraphJob::NotNeeded,
+        read_at: None,
     }
 }
 

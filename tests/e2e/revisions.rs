@@ -367,6 +367,29 @@ async fn a_committed_revision_releases_while_the_migrator_still_runs() {
         held_for(&held) == Some("2") && paused(&held),
         "released on a version marked dirty"
     );
+    // Every version of the Deployment from here on, as a watch sees it: once released, it
+    // is never held again (the release comes before the status says so, and the gate must
+    // not take it back when the status arrives).
+    let versions = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(bool, String)>::new()));
+    let watching = {
+        use futures::StreamExt as _;
+        use kube::runtime::watcher;
+        let config = watcher::Config::default().fields("metadata.name=api");
+        let mut stream = watcher::watcher(ns.api::<Deployment>(), config).boxed();
+        let versions = versions.clone();
+        tokio::spawn(async move {
+            while let Some(event) = stream.next().await {
+                if let Ok(watcher::Event::Apply(d) | watcher::Event::InitApply(d)) = event {
+                    let held = held_for(&d).is_some() || paused(&d);
+                    let version = d.resource_version().unwrap_or_default();
+                    versions
+                        .lock()
+                        .expect("versions lock")
+                        .push((held, version));
+                }
+            }
+        })
+    };
     sqlx::query("INSERT INTO go_ahead VALUES (now())")
         .execute(&mut db)
         .await
@@ -407,7 +430,32 @@ async fn a_committed_revision_releases_while_the_migrator_still_runs() {
         Some("2")
     );
     deployment_available(&ns.api(), "api", TIMEOUT).await;
-
+    // The Deployment's versions up to the one rolled out: held, then released for good.
+    let rolled_out = ns
+        .api::<Deployment>()
+        .get("api")
+        .await
+        .expect("the Deployment")
+        .resource_version()
+        .unwrap_or_default();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let seen = loop {
+        let seen = versions.lock().expect("versions lock").clone();
+        if seen.iter().any(|(_, version)| *version == rolled_out) {
+            break seen;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the test's watch never saw version {rolled_out}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    watching.abort();
+    let first_released = seen.iter().position(|(held, _)| !held);
+    assert!(
+        first_released.is_some_and(|at| seen[at..].iter().all(|(held, _)| !held)),
+        "held again after the release (held, resourceVersion): {seen:?}"
+    );
     // Its pod is not left running for two minutes.
     for job in migration_jobs(&ns).await {
         let _ = ns

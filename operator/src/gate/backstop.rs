@@ -86,7 +86,7 @@ async fn observe_gate<W: Workload>(ctx: &Context, deployment: &W) -> Result<Gate
     let migration = ctx
         .migrations
         .get(&ObjectRef::new(&requirement.migration).within(&namespace));
-    let mut verdict = gate::evaluate(migration.as_deref(), &requirement);
+    let mut verdict = gate::evaluate_current(ctx, migration.as_deref(), &requirement);
     if let (
         Verdict::Held {
             fresh_read_helps: true,

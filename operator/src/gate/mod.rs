@@ -66,6 +66,31 @@ pub fn evaluate(
     evaluate_with(migration, requirement, None)
 }
 
+/// Like [`evaluate`], and when the status holds the workload, with what this replica read
+/// from the database since, if the status does not say so yet
+/// ([`crate::context::FreshReadings`]): a release need not wait for the status write.
+pub fn evaluate_current(
+    ctx: &crate::context::Context,
+    migration: Option<&DeserializeGuard<DatabaseMigration>>,
+    requirement: &Requirement,
+) -> Verdict {
+    let verdict = evaluate(migration, requirement);
+    let (Verdict::Held { .. }, Some(Ok(found))) = (&verdict, migration.map(|guard| &guard.0))
+    else {
+        return verdict;
+    };
+    let key = crate::context::key_of(&found.namespace().unwrap_or_default(), &found.name_any());
+    match ctx.fresh_readings.covering(
+        &key,
+        found.uid().as_deref(),
+        &crate::migration::job::database_fingerprint(found),
+        found.resource_version().as_deref(),
+    ) {
+        Some(fresh) => evaluate_with(migration, requirement, Some(&fresh)),
+        None => verdict,
+    }
+}
+
 /// Like [`evaluate`], with what the database reports now (`fresh`) in place of the
 /// revisions the status keeps.
 pub fn evaluate_with(
@@ -432,6 +457,75 @@ spec:
         status.applied_revision = applied.map(str::to_string);
         status.applied_revisions = applied_revisions.iter().map(|r| r.to_string()).collect();
         DeserializeGuard(Ok(migration))
+    }
+
+    fn context() -> crate::context::Context {
+        let (service, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let (store, _writer) = kube::runtime::reflector::store();
+        crate::context::Context::new(
+            kube::Client::new(service, "default"),
+            store,
+            std::sync::Arc::new(crate::telemetry::Metrics::default()),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_reading_taken_since_the_status_decides_until_a_newer_status_is_stored() {
+        let ctx = context();
+        let mut migration = migration_with(Some("0001"), &["0001"]);
+        if let Ok(m) = &mut migration.0 {
+            m.metadata.uid = Some("uid-1".into());
+            m.metadata.resource_version = Some("7".into());
+        }
+        let found = migration.0.as_ref().unwrap().clone();
+        fn held(
+            ctx: &crate::context::Context,
+            migration: &DeserializeGuard<DatabaseMigration>,
+        ) -> bool {
+            let requirement = requirement(&deployment(APP_V2)).unwrap();
+            matches!(
+                evaluate_current(ctx, Some(migration), &requirement),
+                Verdict::Held { .. }
+            )
+        }
+        assert!(held(&ctx, &migration), "the status says 0001");
+        let read_at = std::time::Instant::now();
+        let fresh = |uid: &str, fingerprint: String| crate::context::FreshReading {
+            uid: Some(uid.into()),
+            fingerprint,
+            applied: crate::probe::AppliedRevisions {
+                revisions: vec!["0002".into()],
+                head_only: true,
+            },
+            read_at,
+        };
+        // Read from another database, or for an object of the same name before: no answer.
+        ctx.fresh_readings
+            .record("prod/app-db".into(), fresh("uid-1", "another".into()));
+        assert!(held(&ctx, &migration));
+        ctx.fresh_readings.record(
+            "prod/app-db".into(),
+            fresh("uid-0", crate::migration::job::database_fingerprint(&found)),
+        );
+        assert!(held(&ctx, &migration));
+        // This object's database reports 0002: released, before the status says so.
+        ctx.fresh_readings.record(
+            "prod/app-db".into(),
+            fresh("uid-1", crate::migration::job::database_fingerprint(&found)),
+        );
+        assert!(!held(&ctx, &migration));
+        // A status from a reading as new is written at 8: until the store holds it, the
+        // reading speaks; once it does, the status alone (here: it says 0001 again).
+        ctx.fresh_readings
+            .status_written("prod/app-db", read_at, "8");
+        assert!(!held(&ctx, &migration));
+        if let Ok(m) = &mut migration.0 {
+            m.metadata.resource_version = Some("8".into());
+        }
+        assert!(held(&ctx, &migration), "the newer status decides");
     }
 
     #[test]

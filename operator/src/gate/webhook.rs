@@ -106,7 +106,7 @@ pub fn admit<W: gate::Workload>(ctx: &Context, request: &AdmissionRequest<W>) ->
     };
     let namespace = request.namespace.clone().unwrap_or_default();
     let key = ObjectRef::new(&requirement.migration).within(&namespace);
-    let verdict = gate::evaluate(ctx.migrations.get(&key).as_deref(), &requirement);
+    let verdict = gate::evaluate_current(ctx, ctx.migrations.get(&key).as_deref(), &requirement);
     let change = gate::decide(deployment, Some(&requirement), &verdict);
     let operations = gate::json_patch(deployment, &change);
     if operations.is_empty() {

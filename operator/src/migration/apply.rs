@@ -105,14 +105,15 @@ async fn create_job(ctx: &Context, migration: &DatabaseMigration, job: &Job) -> 
 }
 
 /// Server-side applies the status when it differs from what is stored, so an unchanged
-/// status causes no write and no new watch event.
+/// status causes no write and no new watch event. The resourceVersion of the object that
+/// holds the status now, when known.
 pub async fn update_status(
     ctx: &Context,
     migration: &DatabaseMigration,
     status: &DatabaseMigrationStatus,
-) -> Result<()> {
+) -> Result<Option<String>> {
     if migration.status.as_ref() == Some(status) {
-        return Ok(());
+        return Ok(migration.resource_version());
     }
     let namespace = migration.namespace().unwrap_or_default();
     let name = migration.name_any();
@@ -130,14 +131,16 @@ pub async fn update_status(
         )
         .await
     {
+        Ok(written) => Ok(written.resource_version()),
         // Deleted while it was reconciled (pruned by a GitOps tool, say): nothing to report.
         Err(kube::Error::Api(response)) if response.code == 404 => {
             tracing::debug!(%name, "DatabaseMigration deleted before its status was written");
-            Ok(())
+            Ok(None)
         }
-        result => result.map(drop).map_err(Error::kube(format!(
-            "update status of DatabaseMigration {name}"
-        ))),
+        Err(source) => Err(Error::Kube {
+            action: format!("update status of DatabaseMigration {name}"),
+            source,
+        }),
     }
 }
 

@@ -49,6 +49,17 @@ async fn reconcile(
 ) -> Result<Action> {
     let from_watch = reading.is_some();
     let observed = observe(ctx, migration, reading).await?;
+    let read_at = observed.read_at;
+    // The database reports the spec's revision and the status does not say so yet: the gate
+    // may release on this reading while the status is written (a watch's reading is
+    // announced by the watch).
+    if let (false, Some(read_at), Ok(applied)) = (from_watch, read_at, &observed.database)
+        && !observed.held_deployments.is_empty()
+        && crate::revision::satisfies_spec(migration, &applied.revisions)
+        && !status_holds_spec_revision(migration)
+    {
+        speak_for_database(ctx, migration, applied, read_at);
+    }
     let plan = plan(migration, observed, ctx.now());
     match apply(ctx, migration, &plan).await {
         Ok(Applied::Done) => {}
@@ -72,7 +83,15 @@ async fn reconcile(
             return Err(error);
         }
     }
-    update_status(ctx, migration, &plan.status).await?;
+    let stored = update_status(ctx, migration, &plan.status).await?;
+    // A status from this read: the gate decides from it again, instead of an older reading.
+    if let (Some(read_at), Some(stored)) = (read_at, stored) {
+        let key = crate::context::key_of(
+            &migration.namespace().unwrap_or_default(),
+            &migration.name_any(),
+        );
+        ctx.fresh_readings.status_written(&key, read_at, &stored);
+    }
     // A watch's own reconcile leaves the watches alone: the watch ends by itself.
     if !from_watch {
         match plan.status.job.as_ref().map(|job| job.name.as_str()) {
@@ -91,6 +110,38 @@ async fn reconcile(
         Next::AwaitChange => Ok(Action::await_change()),
         Next::Fail(error) => Err(error),
     }
+}
+
+/// Whether the stored status already reports the spec's revision, read from the spec's
+/// database.
+pub fn status_holds_spec_revision(migration: &DatabaseMigration) -> bool {
+    migration.status.as_ref().is_some_and(|status| {
+        status.observed_database.as_deref() == Some(job::database_fingerprint(migration).as_str())
+            && crate::revision::satisfies_spec(migration, &status.applied_revisions)
+    })
+}
+
+/// Lets the gate decide from `applied`, read from the spec's database through the URL its
+/// Secret holds, until a status from a reading as new is stored
+/// ([`crate::context::FreshReadings`]), and has it look at once.
+fn speak_for_database(
+    ctx: &Context,
+    migration: &DatabaseMigration,
+    applied: &crate::probe::AppliedRevisions,
+    read_at: std::time::Instant,
+) {
+    let namespace = migration.namespace().unwrap_or_default();
+    let name = migration.name_any();
+    ctx.fresh_readings.record(
+        crate::context::key_of(&namespace, &name),
+        crate::context::FreshReading {
+            uid: migration.uid(),
+            fingerprint: job::database_fingerprint(migration),
+            applied: applied.clone(),
+            read_at,
+        },
+    );
+    ctx.announce(ObjectRef::new(&name).within(&namespace));
 }
 
 pub async fn reconcile_migration(

@@ -34,6 +34,8 @@ pub struct Observed {
     pub held_deployments: Vec<String>,
     /// The revision-graph Job of the current image (Alembic only).
     pub graph_job: GraphJob,
+    /// When the read of `database` began, if it answered.
+    pub read_at: Option<std::time::Instant>,
 }
 
 /// Where the revision graph of the current migrator image stands.
@@ -108,6 +110,11 @@ const MESSAGE_TAIL: usize = 700;
 pub struct Reading {
     pub url: String,
     pub applied: AppliedRevisions,
+    /// When the read began.
+    pub read_at: std::time::Instant,
+    /// The Secret was read again after the database and still held `url`: the reconcile
+    /// need not read it a third time.
+    pub confirmed: bool,
 }
 
 pub async fn observe(
@@ -119,21 +126,27 @@ pub async fn observe(
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let job_name = job::job_name(migration);
 
-    // Read even with a watch's reading: a reading through another URL than the Secret's now
-    // says nothing about the database it names, and the database is read again below.
-    let url = read_database_url_with(&ctx.client, &namespace, migration).await;
+    // Read even with a watch's reading, unless the watch read it after the database: a
+    // reading through another URL than the Secret's now says nothing about the database it
+    // names, and the database is read again below.
+    let url = match &reading {
+        Some(reading) if reading.confirmed => Ok(reading.url.clone()),
+        _ => read_database_url_with(&ctx.client, &namespace, migration).await,
+    };
     let reading = reading.filter(|reading| url.as_deref().is_ok_and(|url| *url == reading.url));
     // The Job before the database: a Job seen finished was finished before the read, so a
     // database without the revision after it is the migrator's failure, not a race.
     let found = get_job(ctx, &jobs, &namespace, &job_name).await?;
-    let (url, database) = match (reading, url) {
-        (Some(reading), Ok(url)) => (Some(url), Ok(reading.applied)),
+    let (url, database, read_at) = match (reading, url) {
+        (Some(reading), Ok(url)) => (Some(url), Ok(reading.applied), Some(reading.read_at)),
         (None, Ok(url)) => {
+            let read_at = std::time::Instant::now();
             let database = probe_with_timeout(migration, &url).await;
-            (Some(url), database)
+            (Some(url), database, Some(read_at))
         }
-        (_, Err(error)) => (None, Err(error)),
+        (_, Err(error)) => (None, Err(error), None),
     };
+    let read_at = read_at.filter(|_| database.is_ok());
     // The revision is there: why a running Job's pod has not started does not matter.
     let decided = database
         .as_ref()
@@ -165,6 +178,7 @@ pub async fn observe(
         database,
         held_deployments,
         graph_job,
+        read_at,
     })
 }
 

@@ -841,6 +841,7 @@ mod tests {
             database,
             held_deployments: vec![],
             graph_job: GraphJob::NotNeeded,
+            read_at: None,
         }
     }
 

@@ -239,6 +239,8 @@ async fn a_watchs_reading_through_a_url_the_secret_no_longer_holds_decides_nothi
             revisions: vec!["0002".to_string()],
             head_only: true,
         },
+        read_at: std::time::Instant::now(),
+        confirmed: false,
     };
     let result = super::reconcile(&migration, &ctx, Some(reading)).await;
     assert!(

@@ -108,13 +108,17 @@ async fn watch(ctx: Arc<Context>, watched: Watched, poke: Arc<tokio::sync::Notif
         let Some((url, open)) = session.as_mut() else {
             continue;
         };
+        let read_at = std::time::Instant::now();
         match open.read().await {
             Ok(applied) if crate::revision::satisfies_spec(&migration, &applied.revisions) => {
+                info!(migration = %watched.key, job = %watched.job, revision = %migration.spec.revision, "the database reports the revision while its migration Job runs");
+                let confirmed = release_on(&ctx, &migration, url, &applied, read_at).await;
                 let reading = Reading {
                     url: url.clone(),
                     applied,
+                    read_at,
+                    confirmed,
                 };
-                info!(migration = %watched.key, job = %watched.job, revision = %migration.spec.revision, "the database reports the revision while its migration Job runs");
                 let still_watched = |migration: &DatabaseMigration| watched.is(migration);
                 if let Err(error) =
                     super::reconcile_with_reading(&ctx, &watched.reference, still_watched, reading)
@@ -145,6 +149,27 @@ async fn watch(ctx: Arc<Context>, watched: Watched, poke: Arc<tokio::sync::Notif
     if let Some((_, open)) = session.take() {
         open.close().await;
     }
+}
+
+/// Reads the Secret again, after the database: while it still names the database just
+/// read, the reading speaks for the spec's database, and the gate releases on it at once
+/// ([`crate::context::FreshReading`]), without waiting for this DatabaseMigration's turn and
+/// its status write. Whether the Secret still names it.
+async fn release_on(
+    ctx: &Context,
+    migration: &DatabaseMigration,
+    url: &str,
+    applied: &crate::probe::AppliedRevisions,
+    read_at: std::time::Instant,
+) -> bool {
+    let namespace = migration.namespace().unwrap_or_default();
+    let still_named = read_database_url_with(&ctx.client, &namespace, migration)
+        .await
+        .is_ok_and(|now| now == url);
+    if still_named {
+        super::speak_for_database(ctx, migration, applied, read_at);
+    }
+    still_named
 }
 
 /// A session to the database the Secret names now.
