@@ -211,9 +211,9 @@ fn store_changes(
 }
 
 /// What of a migration Job the reconcile reads: its conditions (Complete, Failed and their
-/// reasons), whether its pod is ready, its start and completion times, and its deletion.
-/// The Job controller's other bookkeeping (active and terminating counts, pods not yet
-/// counted) triggers nothing.
+/// reasons), its start and completion times, and its deletion. The Job controller's other
+/// bookkeeping (active, ready and terminating counts, pods not yet counted) triggers
+/// nothing; that its pod became ready is told apart ([`job_ready`]).
 fn job_trigger(job: &Job) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -226,7 +226,6 @@ fn job_trigger(job: &Job) -> u64 {
         for condition in status.conditions.iter().flatten() {
             (&condition.type_, &condition.status, &condition.reason).hash(&mut hasher);
         }
-        (status.ready.unwrap_or(0) > 0).hash(&mut hasher);
         status
             .start_time
             .as_ref()
@@ -241,14 +240,31 @@ fn job_trigger(job: &Job) -> u64 {
     hasher.finish()
 }
 
-/// Passes a Job on when [`job_trigger`] changed since it was last seen, and always when it
-/// is deleted (a Job deleted mid-migration is reported at once). The Jobs of a list are
-/// passed on when the list is done, when the cache has them.
+/// Whether a Job's pod is ready.
+fn job_ready(job: &Job) -> bool {
+    job.status
+        .as_ref()
+        .is_some_and(|status| status.ready.unwrap_or(0) > 0)
+}
+
+/// Whether the Job controller has not written a Job's status yet: a Job just created.
+fn not_started(job: &Job) -> bool {
+    job.status.as_ref().is_none_or(|status| {
+        status.start_time.is_none() && status.conditions.as_ref().is_none_or(Vec::is_empty)
+    })
+}
+
+/// Passes a Job on when [`job_trigger`] changed since it was last seen, when its pod became
+/// ready (not when it stops being ready: its end, or its failure, is told by the pod and
+/// then by the Job's conditions), and always when it is deleted (a Job deleted
+/// mid-migration is reported at once). A Job seen for the first time as it is created is
+/// not passed on: the reconcile that created it knows, and reads it next when it starts.
+/// The Jobs of a list are passed on when the list is done, when the cache has them.
 #[derive(Default)]
 struct JobTriggers {
-    /// The last hash per Job UID (cleared when it grows large; a repeat costs one
-    /// reconcile).
-    seen: std::collections::HashMap<String, u64>,
+    /// The last hash and readiness per Job UID (cleared when it grows large; a repeat
+    /// costs one reconcile).
+    seen: std::collections::HashMap<String, (u64, bool)>,
     /// The changed Jobs of a list under way.
     listed: Vec<Job>,
 }
@@ -262,9 +278,9 @@ impl JobTriggers {
                 self.seen.remove(&job.uid().unwrap_or_default());
                 vec![job]
             }
-            watcher::Event::Apply(job) => self.changed(job).into_iter().collect(),
+            watcher::Event::Apply(job) => self.changed(job, true).into_iter().collect(),
             watcher::Event::InitApply(job) => {
-                if let Some(job) = self.changed(job) {
+                if let Some(job) = self.changed(job, false) {
                     self.listed.push(job);
                 }
                 Vec::new()
@@ -277,12 +293,17 @@ impl JobTriggers {
         }
     }
 
-    fn changed(&mut self, job: Job) -> Option<Job> {
+    /// `live`: seen as it changed, not in a list.
+    fn changed(&mut self, job: Job, live: bool) -> Option<Job> {
         if self.seen.len() >= Self::REMEMBERED {
             self.seen.clear();
         }
-        let hash = job_trigger(&job);
-        (self.seen.insert(job.uid().unwrap_or_default(), hash) != Some(hash)).then_some(job)
+        let now = (job_trigger(&job), job_ready(&job));
+        let pass = match self.seen.insert(job.uid().unwrap_or_default(), now) {
+            None => !(live && not_started(&job) && job.metadata.deletion_timestamp.is_none()),
+            Some((hash, ready)) => hash != now.0 || (now.1 && !ready),
+        };
+        pass.then_some(job)
     }
 }
 
@@ -939,8 +960,15 @@ mod tests {
         };
         let mut triggers = JobTriggers::default();
         let apply = |status| watcher::Event::Apply(job(status));
+        assert!(
+            triggers.pass(apply(serde_json::json!({}))).is_empty(),
+            "created: its creator knows"
+        );
         let started = serde_json::json!({"startTime": "2026-11-30T00:00:00Z", "active": 1});
-        assert_eq!(triggers.pass(apply(started.clone())).len(), 1, "first seen");
+        assert_eq!(triggers.pass(apply(started.clone())).len(), 1, "started");
+        let mut ready = started.clone();
+        ready["ready"] = 1.into();
+        assert_eq!(triggers.pass(apply(ready)).len(), 1, "its pod is ready");
         let mut counted = started.clone();
         counted["uncountedTerminatedPods"] = serde_json::json!({"succeeded": ["p"]});
         counted["active"] = 0.into();
@@ -960,15 +988,19 @@ mod tests {
             "deleted"
         );
 
-        // A new list: its changes are passed on when it is done (the cache has them then).
+        // A new list: its changes are passed on when it is done (the cache has them then),
+        // a Job not started yet too (its creator may be gone).
         assert!(triggers.pass(watcher::Event::Init).is_empty());
+        let mut other = job(serde_json::json!({}));
+        other.metadata.uid = Some("j2".into());
+        assert!(triggers.pass(watcher::Event::InitApply(other)).is_empty());
         assert!(
             triggers
                 .pass(watcher::Event::InitApply(job(complete)))
                 .is_empty(),
             "not before the list is done"
         );
-        assert_eq!(triggers.pass(watcher::Event::InitDone).len(), 1);
+        assert_eq!(triggers.pass(watcher::Event::InitDone).len(), 2);
         assert!(triggers.pass(watcher::Event::InitDone).is_empty());
     }
 

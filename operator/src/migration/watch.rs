@@ -4,18 +4,25 @@
 //! reports the pod's end, then the Job controller marks the Job Complete, and in a busy
 //! cluster that takes seconds. So while an attempt's Job runs, the leader keeps one
 //! connection to its database and reads the revisions every `--revision-poll-interval`.
-//! The moment the database reports the spec's revision, the DatabaseMigration is
-//! reconciled with that reading, at once and outside the controller's queue: its status
-//! says so and the gate releases the Deployments that need it. It is the same exact
-//! predicate as at any other reconcile, read from the database, never the Job's word.
+//! The moment the database reports the spec's revision, the gate releases the Deployments
+//! that need it, on that reading ([`crate::context::FreshReadings`]), and the
+//! DatabaseMigration is reconciled with it, outside the controller's queue, so that its
+//! status says so. It is the same exact predicate as at any other reconcile, read from the
+//! database, never the Job's word.
 //!
 //! - One watch per DatabaseMigration and attempt (the Job's name), started by the reconcile
 //!   that creates the Job or finds it running ([`super::plan::Plan::watch_database`]).
+//! - Like a reconcile, it reads the Secret before it trusts the database: at its start, and
+//!   again beside the database every [`SECRET_RECHECK`]. A reading that reports the
+//!   revision less than that after a read of the Secret that named the same URL is acted
+//!   on at once; otherwise the Secret is read again first. When the Secret names another
+//!   URL, the watch reads the database it names from then on.
 //! - A migrator pod that ended wakes it for a read at once, in place of a reconcile.
 //! - It ends when the revision is there, when a reconcile finds the attempt no longer
 //!   running, when the resource changes or is deleted, and when this replica stops leading.
 //! - A watch and the controller's reconciles of the same DatabaseMigration take turns
-//!   ([`crate::context::ObjectLocks`]), as two reconciles of one object never overlap in the controller.
+//!   ([`crate::context::ObjectLocks`]), as two reconciles of one object never overlap in the
+//!   controller; the release on the watch's reading does not wait for that turn.
 //! - A read that fails closes the connection; the next ones wait longer, up to
 //!   [`MAX_BACKOFF`]. The reconciles report what is wrong, as before.
 
@@ -28,11 +35,15 @@ use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use schemagate_crds::DatabaseMigration;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 /// Default of `--revision-poll-interval`.
 pub use crate::context::DEFAULT_REVISION_POLL as DEFAULT_POLL;
+/// How often a watch reads the Secret again while its Job runs, and how long before a read
+/// of the database the Secret may have been read for the watch to act on that reading at
+/// once: a reconcile, too, reads the Secret first and the database after it.
+pub const SECRET_RECHECK: Duration = Duration::from_secs(1);
 /// The longest wait between reads of a database that does not answer.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -83,24 +94,31 @@ impl Watched {
 
 async fn watch(ctx: Arc<Context>, watched: Watched, poke: Arc<tokio::sync::Notify>) {
     let mut session = None;
+    // When the last read of the Secret began that found it naming the session's URL.
+    let mut named_at: Option<Instant> = None;
     let mut failures = 0u32;
-    let mut wait = Duration::ZERO;
+    // Reads begin every poll interval, however long each takes.
+    let mut next_read = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            () = tokio::time::sleep(wait) => {}
+            () = tokio::time::sleep_until(next_read) => {}
             () = poke.notified() => {}
         }
-        wait = ctx.revision_poll;
+        next_read = tokio::time::Instant::now() + ctx.revision_poll;
         let Some(migration) = watched.current(&ctx) else {
             break;
         };
         if session.is_none() {
+            let began = Instant::now();
             match open(&ctx, &migration).await {
-                Ok(opened) => session = Some(opened),
+                Ok(opened) => {
+                    session = Some(opened);
+                    named_at = Some(began);
+                }
                 Err(why) => {
                     debug!(migration = %watched.key, %why, "cannot watch the database yet");
                     failures += 1;
-                    wait = backoff(ctx.revision_poll, failures);
+                    next_read = tokio::time::Instant::now() + backoff(ctx.revision_poll, failures);
                     continue;
                 }
             }
@@ -108,11 +126,40 @@ async fn watch(ctx: Arc<Context>, watched: Watched, poke: Arc<tokio::sync::Notif
         let Some((url, open)) = session.as_mut() else {
             continue;
         };
-        let read_at = std::time::Instant::now();
-        match open.read().await {
+        // The Secret is read again beside the database, at most every SECRET_RECHECK: a
+        // reading that reports the revision is then acted on without another Secret read.
+        let recheck = named_at.is_none_or(|at| at.elapsed() >= SECRET_RECHECK);
+        let checked_at = Instant::now();
+        let read_at = Instant::now();
+        let (named, read) = if recheck {
+            let (named, read) = tokio::join!(secret_names(&ctx, &migration, url), open.read());
+            (Some(named), read)
+        } else {
+            (None, open.read().await)
+        };
+        match named {
+            Some(Some(true)) => named_at = Some(checked_at),
+            // The Secret names another database now: a session to that one, next.
+            Some(Some(false)) => {
+                debug!(migration = %watched.key, "the Secret names another database URL now");
+                if let Some((_, earlier)) = session.take() {
+                    earlier.close().await;
+                }
+                continue;
+            }
+            // Not read this time (an API hiccup): the reading needs a read of its own below.
+            Some(None) | None => {}
+        }
+        match read {
             Ok(applied) if crate::revision::satisfies_spec(&migration, &applied.revisions) => {
                 info!(migration = %watched.key, job = %watched.job, revision = %migration.spec.revision, "the database reports the revision while its migration Job runs");
-                let confirmed = release_on(&ctx, &migration, url, &applied, read_at).await;
+                let named_lately = named_at
+                    .is_some_and(|at| read_at.saturating_duration_since(at) <= SECRET_RECHECK);
+                let confirmed =
+                    named_lately || secret_names(&ctx, &migration, url).await == Some(true);
+                if confirmed {
+                    super::speak_for_database(&ctx, &migration, &applied, read_at);
+                }
                 let reading = Reading {
                     url: url.clone(),
                     applied,
@@ -140,7 +187,7 @@ async fn watch(ctx: Arc<Context>, watched: Watched, poke: Arc<tokio::sync::Notif
                     failed.close().await;
                 }
                 failures += 1;
-                wait = backoff(ctx.revision_poll, failures);
+                next_read = tokio::time::Instant::now() + backoff(ctx.revision_poll, failures);
             }
         }
     }
@@ -151,25 +198,15 @@ async fn watch(ctx: Arc<Context>, watched: Watched, poke: Arc<tokio::sync::Notif
     }
 }
 
-/// Reads the Secret again, after the database: while it still names the database just
-/// read, the reading speaks for the spec's database, and the gate releases on it at once
-/// ([`crate::context::FreshReading`]), without waiting for this DatabaseMigration's turn and
-/// its status write. Whether the Secret still names it.
-async fn release_on(
-    ctx: &Context,
-    migration: &DatabaseMigration,
-    url: &str,
-    applied: &crate::probe::AppliedRevisions,
-    read_at: std::time::Instant,
-) -> bool {
+/// Whether the Secret still names `url`; `None` when it cannot be read now.
+async fn secret_names(ctx: &Context, migration: &DatabaseMigration, url: &str) -> Option<bool> {
     let namespace = migration.namespace().unwrap_or_default();
-    let still_named = read_database_url_with(&ctx.client, &namespace, migration)
-        .await
-        .is_ok_and(|now| now == url);
-    if still_named {
-        super::speak_for_database(ctx, migration, applied, read_at);
+    match read_database_url_with(&ctx.client, &namespace, migration).await {
+        Ok(now) => Some(now == url),
+        Err(crate::error::Error::Kube { .. }) => None,
+        // Gone, or no longer holding a URL: it does not name this one.
+        Err(_) => Some(false),
     }
-    still_named
 }
 
 /// A session to the database the Secret names now.
