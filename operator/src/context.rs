@@ -170,6 +170,8 @@ pub fn key_of(namespace: &str, name: &str) -> String {
 pub struct Watches {
     running: Mutex<HashMap<String, Running>>,
     serial: AtomicU64,
+    /// Watches stopped while finishing, let run to their end.
+    finishing: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 struct Running {
@@ -178,6 +180,15 @@ struct Running {
     task: tokio::task::AbortHandle,
     /// Wakes the watch for a read at once (its migrator pod ended).
     poke: Arc<tokio::sync::Notify>,
+    /// Set by the watch once the gate may have released on its reading: from then on it is
+    /// not aborted, so that the status that says so is written.
+    finishing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Running {
+    fn is_finishing(&self) -> bool {
+        self.finishing.load(Ordering::Acquire)
+    }
 }
 
 impl Watches {
@@ -188,7 +199,11 @@ impl Watches {
         &self,
         key: String,
         job: &str,
-        start: impl FnOnce(u64, Arc<tokio::sync::Notify>) -> tokio::task::AbortHandle,
+        start: impl FnOnce(
+            u64,
+            Arc<tokio::sync::Notify>,
+            Arc<std::sync::atomic::AtomicBool>,
+        ) -> tokio::task::AbortHandle,
     ) {
         let mut running = lock(&self.running);
         if running
@@ -199,7 +214,8 @@ impl Watches {
         }
         let id = self.serial.fetch_add(1, Ordering::Relaxed);
         let poke = Arc::new(tokio::sync::Notify::new());
-        let task = start(id, poke.clone());
+        let finishing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = start(id, poke.clone(), finishing.clone());
         if let Some(earlier) = running.insert(
             key,
             Running {
@@ -207,9 +223,31 @@ impl Watches {
                 id,
                 task,
                 poke,
+                finishing,
             },
         ) {
-            earlier.task.abort();
+            self.end(earlier);
+        }
+    }
+
+    /// Aborts a watch, unless it is finishing: that one runs to its end.
+    fn end(&self, running: Running) {
+        if running.is_finishing() {
+            let mut finishing = lock(&self.finishing);
+            finishing.retain(|task| !task.is_finished());
+            finishing.push(running.task);
+        } else {
+            running.task.abort();
+        }
+    }
+
+    /// Waits, at most `limit`, for the watches stopped while finishing to end.
+    pub async fn finished(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while lock(&self.finishing).iter().any(|task| !task.is_finished())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -227,15 +265,17 @@ impl Watches {
 
     /// Stops the watch of this DatabaseMigration, if one runs.
     pub fn stop(&self, namespace: &str, name: &str) {
-        if let Some(running) = lock(&self.running).remove(&key_of(namespace, name)) {
-            running.task.abort();
+        let removed = lock(&self.running).remove(&key_of(namespace, name));
+        if let Some(running) = removed {
+            self.end(running);
         }
     }
 
     /// Stops every watch: this replica no longer runs the controllers.
     pub fn stop_all(&self) {
-        for (_, running) in lock(&self.running).drain() {
-            running.task.abort();
+        let drained: Vec<Running> = lock(&self.running).drain().map(|(_, r)| r).collect();
+        for running in drained {
+            self.end(running);
         }
     }
 
@@ -270,8 +310,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub const FRESH_READING_LIMIT: Duration = Duration::from_secs(60);
 
 /// The revisions a database reported a moment ago, read by this replica through the URL its
-/// Secret holds (the Secret read again after the database), before the DatabaseMigration's
-/// status can say so. The gate decides from it, as it does from the status, until the store
+/// Secret names (read first, as at any reconcile, or, by the watch of a running Job, at most
+/// a second before the database), before the DatabaseMigration's status can say so. The gate decides from it, as it does from the status, until the store
 /// holds a status written from a reading at least as new ([`FreshReadings::covering`]).
 #[derive(Clone, Debug)]
 pub struct FreshReading {
@@ -346,16 +386,21 @@ impl FreshReadings {
             (Some(stored), Some(written)) => stored >= written,
             _ => resource_version == Some(written),
         };
-        let speaks = fresh.reading.uid.as_deref() == uid
-            && fresh.reading.fingerprint == fingerprint
-            && fresh.reading.read_at.elapsed() < FRESH_READING_LIMIT
-            && !fresh.superseded_by.as_deref().is_some_and(stored_holds);
-        if speaks {
-            Some(fresh.reading.applied.clone())
-        } else {
+        let lapsed = fresh.reading.read_at.elapsed() >= FRESH_READING_LIMIT
+            || fresh.superseded_by.as_deref().is_some_and(stored_holds);
+        if lapsed {
             readings.remove(key);
-            None
+            return None;
         }
+        // Read for another object or database: no answer here, and kept (the caller's copy
+        // of the object may be the older one).
+        (fresh.reading.uid.as_deref() == uid && fresh.reading.fingerprint == fingerprint)
+            .then(|| fresh.reading.applied.clone())
+    }
+
+    /// Whether a reading of DatabaseMigration `key` is kept (it may have lapsed).
+    pub fn has(&self, key: &str) -> bool {
+        lock(&self.readings).contains_key(key)
     }
 
     /// Forgets them all: this replica's term as leader began or ended.
@@ -539,6 +584,38 @@ mod lock_tests {
     }
 
     #[tokio::test]
+    async fn a_watch_that_is_finishing_runs_to_its_end_when_stopped() {
+        let watches = Watches::default();
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let start = |finish: bool, ended: Arc<std::sync::atomic::AtomicBool>| {
+            move |_id, _poke, finishing: Arc<std::sync::atomic::AtomicBool>| {
+                tokio::spawn(async move {
+                    finishing.store(finish, Ordering::Release);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    ended.store(true, Ordering::Release);
+                })
+                .abort_handle()
+            }
+        };
+        watches.ensure("ns/a".into(), "job-1", start(true, ended.clone()));
+        tokio::task::yield_now().await;
+        watches.stop_all();
+        assert!(watches.is_empty());
+        watches.finished(Duration::from_secs(5)).await;
+        assert!(ended.load(Ordering::Acquire), "ran to its end");
+
+        let aborted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        watches.ensure("ns/b".into(), "job-1", start(false, aborted.clone()));
+        tokio::task::yield_now().await;
+        watches.stop("ns", "b");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !aborted.load(Ordering::Acquire),
+            "a watch still reading is aborted"
+        );
+    }
+
+    #[tokio::test]
     async fn locks_nobody_holds_are_forgotten() {
         let locks = ObjectLocks::default();
         for i in 0..(ObjectLocks::PRUNE_AT * 3) {
@@ -603,8 +680,11 @@ mod fresh_reading_tests {
             !covers(&readings, "uid-1", "db-b", "10"),
             "another database"
         );
-        readings.record("ns/app-db".into(), reading(Instant::now()));
         assert!(!covers(&readings, "uid-2", "db-a", "10"), "a new object");
+        assert!(
+            covers(&readings, "uid-1", "db-a", "10"),
+            "kept: the copy asked about may be the older one"
+        );
         assert!(
             readings
                 .covering("ns/other", Some("uid-1"), "db-a", Some("10"))

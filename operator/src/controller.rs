@@ -508,6 +508,9 @@ fn waiting_for_turn(store: &Store<GuardedMigration>) -> Vec<ObjectRef<GuardedMig
 }
 
 /// Runs both controllers until `shutdown` completes.
+/// How long the end of a term waits for watches writing the status of a release.
+const WATCH_FINISH_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn run_controllers(
     ctx: Arc<Context>,
     migrations: &MigrationChanges,
@@ -693,6 +696,10 @@ pub async fn run_controllers(
 
     futures::join!(migration_controller, gate_controller, left_gate_controller);
     ctx.revision_watches.stop_all();
+    // A watch whose reading the gate may have released on writes its status first.
+    ctx.revision_watches.finished(WATCH_FINISH_LIMIT).await;
+    // Reconciles that were finishing after the term ended may have recorded readings.
+    ctx.fresh_readings.clear();
     ctx.set_caches(None);
 }
 

@@ -104,6 +104,18 @@ pub fn admit<W: gate::Workload>(ctx: &Context, request: &AdmissionRequest<W>) ->
     let Some(requirement) = gate::requirement(deployment) else {
         return response;
     };
+    // An update that starts no rollout of a workload already running free with the same
+    // requirement is let through: a hold now could only take back a release made on a
+    // reading this replica's store has not seen the status of yet (the controller holds a
+    // workload whose revision is not applied, whatever the webhook did).
+    if let Some(old) = &request.old_object
+        && !gate::held_by_schemagate(old)
+        && !old.rollout_stopped()
+        && old.same_template(deployment)
+        && gate::requirement(old).as_ref() == Some(&requirement)
+    {
+        return response;
+    }
     let namespace = request.namespace.clone().unwrap_or_default();
     let key = ObjectRef::new(&requirement.migration).within(&namespace);
     let verdict = gate::evaluate_current(ctx, ctx.migrations.get(&key).as_deref(), &requirement);
@@ -345,9 +357,9 @@ mod tests {
         }
     }
 
-    /// A well-formed review of an opted-in Deployment, with random fields changed.
-    fn review(rng: &mut fastrand::Rng) -> serde_json::Value {
-        let mut review = serde_json::json!({
+    /// A well-formed review of an update of an opted-in Deployment.
+    fn well_formed_review() -> serde_json::Value {
+        serde_json::json!({
             "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
             "request": {
                 "uid": "e911857d-c318-11e8-bbad-025000000001",
@@ -362,7 +374,12 @@ mod tests {
                 },
                 "oldObject": null
             }
-        });
+        })
+    }
+
+    /// A well-formed review of an opted-in Deployment, with random fields changed.
+    fn review(rng: &mut fastrand::Rng) -> serde_json::Value {
+        let mut review = well_formed_review();
         let paths: [&[&str]; 7] = [
             &["request", "object", "spec", "paused"],
             &["request", "object", "metadata", "labels"],
@@ -388,6 +405,35 @@ mod tests {
             *slot = value(rng, 3);
         }
         review
+    }
+
+    /// An update of a Deployment running free with the same requirement and template starts
+    /// no rollout: let through, whatever this replica's store says (it may not yet hold the
+    /// status a release followed). A new template, or one held or paused before, is judged.
+    #[tokio::test]
+    async fn an_update_that_starts_no_rollout_of_a_free_deployment_is_let_through() {
+        let ctx = listed_context();
+        let mut review = well_formed_review();
+        review["request"]["oldObject"] = review["request"]["object"].clone();
+        review["request"]["object"]["metadata"]["annotations"] =
+            serde_json::json!({"team": "shop"});
+        let admitted = |review: &serde_json::Value| {
+            let review: kube::core::admission::AdmissionReview<Deployment> =
+                serde_json::from_value(review.clone()).expect("a review");
+            let request: AdmissionRequest<Deployment> = review.try_into().expect("a request");
+            admit(&ctx, &request).patch.is_none()
+        };
+        assert!(admitted(&review), "no rollout: let through");
+        let mut new_template = review.clone();
+        new_template["request"]["object"]["spec"]["template"]["spec"]["containers"] =
+            serde_json::json!([{"name": "app", "image": "app:v3"}]);
+        assert!(!admitted(&new_template), "a new template is held");
+        let mut was_paused = review.clone();
+        was_paused["request"]["oldObject"]["spec"]["paused"] = true.into();
+        assert!(!admitted(&was_paused), "a paused one is judged");
+        let mut created = review.clone();
+        created["request"]["oldObject"] = serde_json::Value::Null;
+        assert!(!admitted(&created), "no old object: judged");
     }
 
     /// Whatever arrives, the webhook answers without panicking, and never releases: a

@@ -28,6 +28,10 @@ pub trait Workload:
     /// Whether its rollout is stopped now (by schemagate or by a person).
     fn rollout_stopped(&self) -> bool;
 
+    /// Whether `other` has the same pod template: an update between the two starts no
+    /// rollout.
+    fn same_template(&self, other: &Self) -> bool;
+
     /// The `spec` of a JSON merge patch that stops (`true`) or resumes its rollout.
     fn merge_spec(stop: bool) -> serde_json::Value;
 
@@ -48,6 +52,10 @@ impl Workload for Deployment {
 
     fn rollout_stopped(&self) -> bool {
         self.spec.as_ref().and_then(|s| s.paused) == Some(true)
+    }
+
+    fn same_template(&self, other: &Self) -> bool {
+        self.spec.as_ref().map(|s| &s.template) == other.spec.as_ref().map(|s| &s.template)
     }
 
     fn merge_spec(stop: bool) -> serde_json::Value {

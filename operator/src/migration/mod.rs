@@ -50,16 +50,27 @@ async fn reconcile(
     let from_watch = reading.is_some();
     let observed = observe(ctx, migration, reading).await?;
     let read_at = observed.read_at;
+    let key = crate::context::key_of(
+        &migration.namespace().unwrap_or_default(),
+        &migration.name_any(),
+    );
     // The database reports the spec's revision and the status does not say so yet: the gate
     // may release on this reading while the status is written (a watch's reading is
-    // announced by the watch).
+    // announced by the watch). A reading that already speaks is renewed, so that it does
+    // not lapse while the status cannot be written.
     if let (false, Some(read_at), Ok(applied)) = (from_watch, read_at, &observed.database)
-        && !observed.held_deployments.is_empty()
+        && (!observed.held_deployments.is_empty() || ctx.fresh_readings.has(&key))
         && crate::revision::satisfies_spec(migration, &applied.revisions)
         && !status_holds_spec_revision(migration)
     {
         speak_for_database(ctx, migration, applied, read_at);
     }
+    // What the status keeps of this read, to tell whether the status written carries it.
+    let kept = observed
+        .database
+        .as_ref()
+        .ok()
+        .map(|applied| crate::revision::for_status(&applied.revisions));
     let plan = plan(migration, observed, ctx.now());
     match apply(ctx, migration, &plan).await {
         Ok(Applied::Done) => {}
@@ -84,15 +95,17 @@ async fn reconcile(
         }
     }
     let stored = update_status(ctx, migration, &plan.status).await?;
-    // A status from this read: the gate decides from it again, instead of an older reading.
-    if let (Some(read_at), Some(stored)) = (read_at, stored) {
-        let key = crate::context::key_of(
-            &migration.namespace().unwrap_or_default(),
-            &migration.name_any(),
-        );
+    // A status that carries this read: the gate decides from it again, instead of an older
+    // reading. (A status that does not, an invalid spec's say, leaves the reading speaking.)
+    let carries_read = kept.is_some_and(|(revisions, truncated)| {
+        plan.status.applied_revisions == revisions
+            && plan.status.applied_revisions_truncated == truncated
+            && plan.status.observed_database.as_deref()
+                == Some(job::database_fingerprint(migration).as_str())
+    });
+    if let (Some(read_at), Some(stored), true) = (read_at, stored, carries_read) {
         ctx.fresh_readings.status_written(&key, read_at, &stored);
-    }
-    // A watch's own reconcile leaves the watches alone: the watch ends by itself.
+    } // A watch's own reconcile leaves the watches alone: the watch ends by itself.
     if !from_watch {
         match plan.status.job.as_ref().map(|job| job.name.as_str()) {
             Some(job) if plan.watch_database && !ctx.revision_poll.is_zero() => {

@@ -112,8 +112,9 @@ pub struct Reading {
     pub applied: AppliedRevisions,
     /// When the read began.
     pub read_at: std::time::Instant,
-    /// The Secret was read again after the database and still held `url`: the reconcile
-    /// need not read it a third time.
+    /// The watch found the Secret naming `url` in a read that began at most
+    /// [`crate::migration::watch::SECRET_RECHECK`] before the database read (or after it):
+    /// the reconcile takes that read as its own instead of reading the Secret once more.
     pub confirmed: bool,
 }
 
@@ -126,9 +127,9 @@ pub async fn observe(
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let job_name = job::job_name(migration);
 
-    // Read even with a watch's reading, unless the watch read it after the database: a
-    // reading through another URL than the Secret's now says nothing about the database it
-    // names, and the database is read again below.
+    // Read even with a watch's reading, unless the watch read it beside the database
+    // (`confirmed`): a reading through another URL than the Secret's says nothing about
+    // the database it names, and the database is read again below.
     let url = match &reading {
         Some(reading) if reading.confirmed => Ok(reading.url.clone()),
         _ => read_database_url_with(&ctx.client, &namespace, migration).await,

@@ -54,16 +54,17 @@ pub fn start(ctx: &Arc<Context>, migration: &DatabaseMigration, job: &str) {
     let key = key_of(&namespace, &migration.name_any());
     let reference = ObjectRef::new(&migration.name_any()).within(&namespace);
     let uid = migration.uid();
-    ctx.revision_watches.ensure(key.clone(), job, |id, poke| {
-        let watched = Watched {
-            key,
-            reference,
-            uid,
-            job: job.to_string(),
-            id,
-        };
-        tokio::spawn(watch(ctx.clone(), watched, poke)).abort_handle()
-    });
+    ctx.revision_watches
+        .ensure(key.clone(), job, |id, poke, finishing| {
+            let watched = Watched {
+                key,
+                reference,
+                uid,
+                job: job.to_string(),
+                id,
+            };
+            tokio::spawn(watch(ctx.clone(), watched, poke, finishing)).abort_handle()
+        });
 }
 
 /// What one watch follows.
@@ -92,7 +93,12 @@ impl Watched {
     }
 }
 
-async fn watch(ctx: Arc<Context>, watched: Watched, poke: Arc<tokio::sync::Notify>) {
+async fn watch(
+    ctx: Arc<Context>,
+    watched: Watched,
+    poke: Arc<tokio::sync::Notify>,
+    finishing: Arc<std::sync::atomic::AtomicBool>,
+) {
     let mut session = None;
     // When the last read of the Secret began that found it naming the session's URL.
     let mut named_at: Option<Instant> = None;
@@ -129,7 +135,6 @@ async fn watch(ctx: Arc<Context>, watched: Watched, poke: Arc<tokio::sync::Notif
         // The Secret is read again beside the database, at most every SECRET_RECHECK: a
         // reading that reports the revision is then acted on without another Secret read.
         let recheck = named_at.is_none_or(|at| at.elapsed() >= SECRET_RECHECK);
-        let checked_at = Instant::now();
         let read_at = Instant::now();
         let (named, read) = if recheck {
             let (named, read) = tokio::join!(secret_names(&ctx, &migration, url), open.read());
@@ -138,7 +143,7 @@ async fn watch(ctx: Arc<Context>, watched: Watched, poke: Arc<tokio::sync::Notif
             (None, open.read().await)
         };
         match named {
-            Some(Some(true)) => named_at = Some(checked_at),
+            Some(Some(true)) => named_at = Some(read_at),
             // The Secret names another database now: a session to that one, next.
             Some(Some(false)) => {
                 debug!(migration = %watched.key, "the Secret names another database URL now");
@@ -158,6 +163,10 @@ async fn watch(ctx: Arc<Context>, watched: Watched, poke: Arc<tokio::sync::Notif
                 let confirmed =
                     named_lately || secret_names(&ctx, &migration, url).await == Some(true);
                 if confirmed {
+                    // Not aborted from here on: the gate may release on this reading, and
+                    // the status that says so must follow (a new leader would otherwise
+                    // hold again until it read the database itself).
+                    finishing.store(true, std::sync::atomic::Ordering::Release);
                     super::speak_for_database(&ctx, &migration, &applied, read_at);
                 }
                 let reading = Reading {
@@ -198,14 +207,16 @@ async fn watch(ctx: Arc<Context>, watched: Watched, poke: Arc<tokio::sync::Notif
     }
 }
 
-/// Whether the Secret still names `url`; `None` when it cannot be read now.
+/// Whether the Secret still names `url`; `None` when it cannot be read now (an API error,
+/// or no answer within [`SECRET_RECHECK`]: a slow read must not hold up a reading's use).
 async fn secret_names(ctx: &Context, migration: &DatabaseMigration, url: &str) -> Option<bool> {
     let namespace = migration.namespace().unwrap_or_default();
-    match read_database_url_with(&ctx.client, &namespace, migration).await {
-        Ok(now) => Some(now == url),
-        Err(crate::error::Error::Kube { .. }) => None,
+    let read = read_database_url_with(&ctx.client, &namespace, migration);
+    match tokio::time::timeout(SECRET_RECHECK, read).await {
+        Ok(Ok(now)) => Some(now == url),
+        Ok(Err(crate::error::Error::Kube { .. })) | Err(_) => None,
         // Gone, or no longer holding a URL: it does not name this one.
-        Err(_) => Some(false),
+        Ok(Err(_)) => Some(false),
     }
 }
 
