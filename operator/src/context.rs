@@ -310,9 +310,10 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub const FRESH_READING_LIMIT: Duration = Duration::from_secs(60);
 
 /// The revisions a database reported a moment ago, read by this replica through the URL its
-/// Secret names (read first, as at any reconcile, or, by the watch of a running Job, at most
-/// a second before the database), before the DatabaseMigration's status can say so. The gate decides from it, as it does from the status, until the store
-/// holds a status written from a reading at least as new ([`FreshReadings::covering`]).
+/// Secret names (read first, as at any reconcile; by the watch of a running Job, at most two
+/// seconds before the database), before the DatabaseMigration's status can say so. The gate
+/// decides from it, as it does from the status, until the store holds a status written from
+/// a reading at least as new ([`FreshReadings::covering`]).
 #[derive(Clone, Debug)]
 pub struct FreshReading {
     /// The DatabaseMigration it was read for, and the database its spec named then (its

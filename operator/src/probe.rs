@@ -239,7 +239,8 @@ pub struct Session {
 }
 
 enum Open {
-    Postgres(sqlx::PgConnection, String),
+    /// The connection, its endpoint, and the query of the version table once found.
+    Postgres(sqlx::PgConnection, String, Option<String>),
     Mysql(sqlx::MySqlConnection, String),
 }
 
@@ -297,7 +298,7 @@ impl Session {
                 match self.engine {
                     Engine::Postgres => {
                         let (conn, endpoint) = postgres::connect(&self.target).await?;
-                        Open::Postgres(conn, endpoint)
+                        Open::Postgres(conn, endpoint, None)
                     }
                     Engine::Mysql => {
                         let (conn, endpoint) = mysql::connect(&self.target, &self.source).await?;
@@ -307,7 +308,9 @@ impl Session {
             }
         };
         let result = match &mut open {
-            Open::Postgres(conn, endpoint) => postgres::read(conn, &self.source, endpoint).await,
+            Open::Postgres(conn, endpoint, known) => {
+                postgres::read(conn, &self.source, endpoint, known).await
+            }
             Open::Mysql(conn, endpoint) => mysql::read(conn, &self.source, endpoint).await,
         };
         self.open = Some(open);
@@ -319,7 +322,7 @@ impl Session {
     pub async fn close(mut self) {
         use sqlx::Connection as _;
         match self.open.take() {
-            Some(Open::Postgres(conn, _)) => {
+            Some(Open::Postgres(conn, _, _)) => {
                 let _ = conn.close().await;
             }
             Some(Open::Mysql(conn, _)) => {

@@ -515,6 +515,25 @@ async fn session_reads_again_on_one_connection(engine: Engine) -> Result<()> {
     .await?;
     let second = session.read().await?;
     ensure!(second.revisions == strings(&["2"]), "{second:?}");
+    // The table it found goes away: nothing is applied, and the read after it (through the
+    // table found again) still ends its transaction.
+    execute(engine, &url, &["DROP TABLE schema_migrations"]).await?;
+    let dropped = session.read().await?;
+    ensure!(dropped.revisions.is_empty(), "{dropped:?}");
+    execute(
+        engine,
+        &url,
+        &[
+            GOLANG_MIGRATE_DDL,
+            "INSERT INTO schema_migrations (version, dirty) VALUES (3, false)",
+        ],
+    )
+    .await?;
+    let third = session.read().await?;
+    ensure!(third.revisions == strings(&["3"]), "{third:?}");
+    execute(engine, &url, &["UPDATE schema_migrations SET version = 4"]).await?;
+    let fourth = session.read().await?;
+    ensure!(fourth.revisions == strings(&["4"]), "{fourth:?}");
     ensure!(
         other_connections(engine, &url).await? == connection,
         "the same connection throughout"

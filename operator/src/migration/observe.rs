@@ -113,7 +113,7 @@ pub struct Reading {
     /// When the read began.
     pub read_at: std::time::Instant,
     /// The watch found the Secret naming `url` in a read that began at most
-    /// [`crate::migration::watch::SECRET_RECHECK`] before the database read (or after it):
+    /// [`crate::migration::watch::SECRET_NAMED`] before the database read (or after it):
     /// the reconcile takes that read as its own instead of reading the Secret once more.
     pub confirmed: bool,
 }

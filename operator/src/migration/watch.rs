@@ -13,10 +13,11 @@
 //! - One watch per DatabaseMigration and attempt (the Job's name), started by the reconcile
 //!   that creates the Job or finds it running ([`super::plan::Plan::watch_database`]).
 //! - Like a reconcile, it reads the Secret before it trusts the database: at its start, and
-//!   again beside the database every [`SECRET_RECHECK`]. A reading that reports the
-//!   revision less than that after a read of the Secret that named the same URL is acted
-//!   on at once; otherwise the Secret is read again first. When the Secret names another
-//!   URL, the watch reads the database it names from then on.
+//!   again every [`SECRET_RECHECK`], beside the reads of the database and never in their
+//!   way. A reading that reports the revision at most [`SECRET_NAMED`] after a read of the
+//!   Secret that named the same URL began is acted on at once; otherwise a read of the
+//!   Secret comes first. When the Secret names another URL, the watch reads the database
+//!   it names from then on.
 //! - A migrator pod that ended wakes it for a read at once, in place of a reconcile.
 //! - It ends when the revision is there, when a reconcile finds the attempt no longer
 //!   running, when the resource changes or is deleted, and when this replica stops leading.
@@ -40,10 +41,13 @@ use tracing::{debug, info, warn};
 
 /// Default of `--revision-poll-interval`.
 pub use crate::context::DEFAULT_REVISION_POLL as DEFAULT_POLL;
-/// How often a watch reads the Secret again while its Job runs, and how long before a read
-/// of the database the Secret may have been read for the watch to act on that reading at
-/// once: a reconcile, too, reads the Secret first and the database after it.
+/// How often a watch reads the Secret again while its Job runs.
 pub const SECRET_RECHECK: Duration = Duration::from_secs(1);
+/// How long before a read of the database the Secret may have been read, naming the same
+/// URL, for the watch to act on that reading at once (a reconcile, too, reads the Secret
+/// first and the database after it); a reading later than that waits for a read of the
+/// Secret first.
+pub const SECRET_NAMED: Duration = Duration::from_secs(2);
 /// The longest wait between reads of a database that does not answer.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -99,9 +103,11 @@ async fn watch(
     poke: Arc<tokio::sync::Notify>,
     finishing: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let mut session = None;
+    let mut session: Option<(String, Session)> = None;
     // When the last read of the Secret began that found it naming the session's URL.
     let mut named_at: Option<Instant> = None;
+    // A read of the Secret under way beside the database's: when it began, and its answer.
+    let mut recheck: Option<(Instant, tokio::task::JoinHandle<Option<bool>>)> = None;
     let mut failures = 0u32;
     // Reads begin every poll interval, however long each takes.
     let mut next_read = tokio::time::Instant::now();
@@ -114,6 +120,21 @@ async fn watch(
         let Some(migration) = watched.current(&ctx) else {
             break;
         };
+        // What the last read of the Secret found, once it answered.
+        if let Some((began, answered)) = recheck.take_if(|(_, task)| task.is_finished()) {
+            match answered.await.ok().flatten() {
+                Some(true) => named_at = Some(began),
+                // The Secret names another database now: a session to that one.
+                Some(false) => {
+                    debug!(migration = %watched.key, "the Secret names another database URL now");
+                    if let Some((_, earlier)) = session.take() {
+                        earlier.close().await;
+                    }
+                }
+                // Not read this time (an API hiccup): the next one will.
+                None => {}
+            }
+        }
         if session.is_none() {
             let began = Instant::now();
             match open(&ctx, &migration).await {
@@ -132,36 +153,29 @@ async fn watch(
         let Some((url, open)) = session.as_mut() else {
             continue;
         };
-        // The Secret is read again beside the database, at most every SECRET_RECHECK: a
-        // reading that reports the revision is then acted on without another Secret read.
-        let recheck = named_at.is_none_or(|at| at.elapsed() >= SECRET_RECHECK);
-        let read_at = Instant::now();
-        let (named, read) = if recheck {
-            let (named, read) = tokio::join!(secret_names(&ctx, &migration, url), open.read());
-            (Some(named), read)
-        } else {
-            (None, open.read().await)
-        };
-        match named {
-            Some(Some(true)) => named_at = Some(read_at),
-            // The Secret names another database now: a session to that one, next.
-            Some(Some(false)) => {
-                debug!(migration = %watched.key, "the Secret names another database URL now");
-                if let Some((_, earlier)) = session.take() {
-                    earlier.close().await;
-                }
-                continue;
-            }
-            // Not read this time (an API hiccup): the reading needs a read of its own below.
-            Some(None) | None => {}
+        // The Secret is read again every SECRET_RECHECK, beside the database and never in
+        // the way of its reads: a reading that reports the revision is then acted on without
+        // another Secret read.
+        if recheck.is_none() && named_at.is_none_or(|at| at.elapsed() >= SECRET_RECHECK) {
+            let (ctx, migration, url) = (ctx.clone(), migration.clone(), url.clone());
+            let task = tokio::spawn(async move { secret_names(&ctx, &migration, &url).await });
+            recheck = Some((Instant::now(), task));
         }
+        let read_at = Instant::now();
+        let read = open.read().await;
         match read {
             Ok(applied) if crate::revision::satisfies_spec(&migration, &applied.revisions) => {
                 info!(migration = %watched.key, job = %watched.job, revision = %migration.spec.revision, "the database reports the revision while its migration Job runs");
                 let named_lately = named_at
-                    .is_some_and(|at| read_at.saturating_duration_since(at) <= SECRET_RECHECK);
-                let confirmed =
-                    named_lately || secret_names(&ctx, &migration, url).await == Some(true);
+                    .is_some_and(|at| read_at.saturating_duration_since(at) <= SECRET_NAMED);
+                let confirmed = named_lately
+                    || match recheck.take() {
+                        // Under way since before this read: its answer will do.
+                        Some((began, answer)) if began <= read_at => {
+                            answer.await.ok().flatten() == Some(true)
+                        }
+                        _ => secret_names(&ctx, &migration, url).await == Some(true),
+                    };
                 if confirmed {
                     // Not aborted from here on: the gate may release on this reading, and
                     // the status that says so must follow (a new leader would otherwise
@@ -199,6 +213,9 @@ async fn watch(
                 next_read = tokio::time::Instant::now() + backoff(ctx.revision_poll, failures);
             }
         }
+    }
+    if let Some((_, task)) = recheck.take() {
+        task.abort();
     }
     // Out of the registry first: a reconcile from now on starts a new watch if one is due.
     ctx.revision_watches.ended(&watched.key, watched.id);

@@ -50,10 +50,14 @@ pub(super) async fn connect(target: &DatabaseUrl) -> Result<(PgConnection, Strin
     }
 }
 
+/// Reads the applied revisions. `known`: the query of the version table an earlier read of
+/// this connection found, if any; the read then takes one round trip (transaction, query and
+/// its end in one message), and looks the table up again only when that fails.
 pub(super) async fn read(
     conn: &mut PgConnection,
     source: &RevisionSource,
     endpoint: &str,
+    known: &mut Option<String>,
 ) -> Result<AppliedRevisions, ProbeError> {
     // SET LOCAL inside one transaction also works through PgBouncer in transaction mode,
     // which rejects the startup `options` parameter.
@@ -61,6 +65,29 @@ pub(super) async fn read(
     let begin = format!(
         "BEGIN READ ONLY; SET LOCAL statement_timeout = {millis}; SET LOCAL lock_timeout = {millis}"
     );
+    if let (Some(select), RevisionSource::Tool { tool, .. }) = (known.as_deref(), source) {
+        // The query was built from the catalog's quoted name and constant text.
+        let batch = format!("{begin}; {select}; ROLLBACK");
+        let rows = match sqlx::raw_sql(AssertSqlSafe(batch))
+            .fetch_all(&mut *conn)
+            .await
+        {
+            Ok(rows) => rows
+                .iter()
+                .map(|row| Ok((row.try_get::<Option<String>, _>(0)?, row.try_get(1)?)))
+                .collect::<Result<Vec<(Option<String>, String)>, sqlx::Error>>(),
+            Err(error) => {
+                // The statements after a failed one did not run: end the transaction.
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                Err(error)
+            }
+        };
+        match rows {
+            Ok(rows) => return tools::collect_revisions(*tool, rows),
+            // The table may be gone or renamed: the whole read below says what is there.
+            Err(_) => *known = None,
+        }
+    }
     sqlx::raw_sql(AssertSqlSafe(begin))
         .execute(&mut *conn)
         .await
@@ -85,10 +112,12 @@ pub(super) async fn read(
                     let table = format!("{}.{}", dialect.quote(&schema), dialect.quote(&name));
                     let select = tools::select_revisions(*tool, dialect, &table);
                     // The table name comes from the catalog and is quoted; the rest is constant.
-                    let rows: Vec<(Option<String>, String)> = sqlx::query_as(AssertSqlSafe(select))
-                        .fetch_all(&mut *conn)
-                        .await
-                        .map_err(|error| table_error(error, *tool, &schema, &name, endpoint))?;
+                    let rows: Vec<(Option<String>, String)> =
+                        sqlx::query_as(AssertSqlSafe(select.clone()))
+                            .fetch_all(&mut *conn)
+                            .await
+                            .map_err(|error| table_error(error, *tool, &schema, &name, endpoint))?;
+                    *known = Some(select);
                     // A failed or dirty migration is an answer, not a broken connection:
                     // the transaction still ends below.
                     tools::collect_revisions(*tool, rows)
