@@ -481,6 +481,13 @@ async fn other_connections(engine: Engine, url: &str) -> Result<Vec<i64>> {
 /// connection it opened: each read ends its transaction, so a table created after the
 /// first read and each new version are seen, and a version marked dirty is an answer that
 /// keeps the connection.
+/// A golang-migrate table at `version`, clean.
+async fn golang_migrate_at(engine: Engine, url: &str, version: u64) -> Result<()> {
+    let insert =
+        format!("INSERT INTO schema_migrations (version, dirty) VALUES ({version}, false)");
+    execute(engine, url, &[GOLANG_MIGRATE_DDL, &insert]).await
+}
+
 async fn session_reads_again_on_one_connection(engine: Engine) -> Result<()> {
     let url = database(engine, "session").await?;
     let mut session = probe::Session::new(engine, &url, &tool(TrackingTool::GolangMigrate))?;
@@ -488,15 +495,7 @@ async fn session_reads_again_on_one_connection(engine: Engine) -> Result<()> {
     ensure!(nothing.revisions.is_empty(), "{nothing:?}");
     let connection = other_connections(engine, &url).await?;
     ensure!(connection.len() == 1, "one connection open: {connection:?}");
-    execute(
-        engine,
-        &url,
-        &[
-            GOLANG_MIGRATE_DDL,
-            "INSERT INTO schema_migrations (version, dirty) VALUES (1, false)",
-        ],
-    )
-    .await?;
+    golang_migrate_at(engine, &url, 1).await?;
     let first = session.read().await?;
     ensure!(first.revisions == strings(&["1"]), "{first:?}");
     execute(
@@ -520,15 +519,7 @@ async fn session_reads_again_on_one_connection(engine: Engine) -> Result<()> {
     execute(engine, &url, &["DROP TABLE schema_migrations"]).await?;
     let dropped = session.read().await?;
     ensure!(dropped.revisions.is_empty(), "{dropped:?}");
-    execute(
-        engine,
-        &url,
-        &[
-            GOLANG_MIGRATE_DDL,
-            "INSERT INTO schema_migrations (version, dirty) VALUES (3, false)",
-        ],
-    )
-    .await?;
+    golang_migrate_at(engine, &url, 3).await?;
     let third = session.read().await?;
     ensure!(third.revisions == strings(&["3"]), "{third:?}");
     execute(engine, &url, &["UPDATE schema_migrations SET version = 4"]).await?;
