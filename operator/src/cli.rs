@@ -56,7 +56,7 @@ pub struct RunArgs {
     /// How often the database of a running migration Job is read, so that the Deployments
     /// needing its revision are released as soon as the migrator commits it (one connection
     /// per running Job; `0s` turns it off and the release waits for the migrator pod's end).
-    #[arg(long, default_value = "100ms", value_parser = parse_poll_interval)]
+    #[arg(long, default_value = "50ms", value_parser = parse_poll_interval)]
     pub revision_poll_interval: std::time::Duration,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]

@@ -157,7 +157,7 @@ impl HeldNotes {
 }
 
 /// Default of `--revision-poll-interval`.
-pub const DEFAULT_REVISION_POLL: Duration = Duration::from_millis(100);
+pub const DEFAULT_REVISION_POLL: Duration = Duration::from_millis(50);
 
 /// The key of a DatabaseMigration in [`Watches`] and [`ObjectLocks`].
 pub fn key_of(namespace: &str, name: &str) -> String {
