@@ -587,33 +587,28 @@ mod lock_tests {
     #[tokio::test]
     async fn a_watch_that_is_finishing_runs_to_its_end_when_stopped() {
         let watches = Watches::default();
-        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let start = |finish: bool, ended: Arc<std::sync::atomic::AtomicBool>| {
+        // Each watch says it ended on its channel; an aborted one drops the sender unsaid.
+        let start = |finish: bool, ended: tokio::sync::oneshot::Sender<()>| {
             move |_id, _poke, finishing: Arc<std::sync::atomic::AtomicBool>| {
+                finishing.store(finish, Ordering::Release);
                 tokio::spawn(async move {
-                    finishing.store(finish, Ordering::Release);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    ended.store(true, Ordering::Release);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let _ = ended.send(());
                 })
                 .abort_handle()
             }
         };
-        watches.ensure("ns/a".into(), "job-1", start(true, ended.clone()));
-        tokio::task::yield_now().await;
+        let (ended, finished) = tokio::sync::oneshot::channel();
+        watches.ensure("ns/a".into(), "job-1", start(true, ended));
         watches.stop_all();
         assert!(watches.is_empty());
-        watches.finished(Duration::from_secs(5)).await;
-        assert!(ended.load(Ordering::Acquire), "ran to its end");
+        watches.finished(Duration::from_secs(30)).await;
+        assert!(finished.await.is_ok(), "ran to its end");
 
-        let aborted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        watches.ensure("ns/b".into(), "job-1", start(false, aborted.clone()));
-        tokio::task::yield_now().await;
+        let (ended, aborted) = tokio::sync::oneshot::channel();
+        watches.ensure("ns/b".into(), "job-1", start(false, ended));
         watches.stop("ns", "b");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(
-            !aborted.load(Ordering::Acquire),
-            "a watch still reading is aborted"
-        );
+        assert!(aborted.await.is_err(), "a watch still reading is aborted");
     }
 
     #[tokio::test]

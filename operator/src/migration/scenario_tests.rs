@@ -170,18 +170,28 @@ async fn missing_secret_sets_a_condition_and_a_warning_event() {
         .unwrap();
 }
 
+/// The Secret holds `url` (a database that does not answer); the reconcile reads the Jobs
+/// and Deployments and writes a status, returned as the API server received it.
+async fn unreachable_url_then_status(
+    handle: &mut ApiHandle,
+    url: &'static str,
+) -> serde_json::Value {
+    expect(handle, "GET", "/api/v1/namespaces/prod/secrets/app-db-url", move |_| {
+        json(200, serde_json::json!({"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "app-db-url"}, "data": {"url": encode(url)}}))
+    })
+    .await;
+    expect_job_and_deployment_reads(handle).await;
+    expect(handle, "PATCH", "/apis/schemagate.dev/v1alpha1/namespaces/prod/databasemigrations/app-db/status", |body| json(200, serde_json::json!({"apiVersion": "schemagate.dev/v1alpha1", "kind": "DatabaseMigration", "metadata": {"name": "app-db"}, "spec": serde_yaml::from_str::<serde_json::Value>(MIGRATION).unwrap()["spec"], "status": body["status"]}))).await
+}
+
 #[tokio::test]
 async fn unreachable_database_creates_no_job() {
     let (ctx, mut handle) = context();
     let verifier = tokio::spawn(async move {
-        expect(&mut handle, "GET", "/api/v1/namespaces/prod/secrets/app-db-url", |_| {
-            // Port 1 on loopback: nothing listens, the connection is refused at once.
-            let url = "postgres://app:s3cret-pw@127.0.0.1:1/app";
-            json(200, serde_json::json!({"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "app-db-url"}, "data": {"url": encode(url)}}))
-        })
-        .await;
-        expect_job_and_deployment_reads(&mut handle).await;
-        let status = expect(&mut handle, "PATCH", "/apis/schemagate.dev/v1alpha1/namespaces/prod/databasemigrations/app-db/status", |body| json(200, serde_json::json!({"apiVersion": "schemagate.dev/v1alpha1", "kind": "DatabaseMigration", "metadata": {"name": "app-db"}, "spec": serde_yaml::from_str::<serde_json::Value>(MIGRATION).unwrap()["spec"], "status": body["status"]}))).await;
+        // Port 1 on loopback: nothing listens, the connection is refused at once.
+        let status =
+            unreachable_url_then_status(&mut handle, "postgres://app:s3cret-pw@127.0.0.1:1/app")
+                .await;
         let text = status.to_string();
         assert!(
             !text.contains("s3cret-pw"),
@@ -215,13 +225,8 @@ async fn unreachable_database_creates_no_job() {
 async fn a_watchs_reading_through_a_url_the_secret_no_longer_holds_decides_nothing() {
     let (ctx, mut handle) = context();
     let verifier = tokio::spawn(async move {
-        expect(&mut handle, "GET", "/api/v1/namespaces/prod/secrets/app-db-url", |_| {
-            let url = "postgres://app:n3w-pw@127.0.0.1:1/app";
-            json(200, serde_json::json!({"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "app-db-url"}, "data": {"url": encode(url)}}))
-        })
-        .await;
-        expect_job_and_deployment_reads(&mut handle).await;
-        let status = expect(&mut handle, "PATCH", "/apis/schemagate.dev/v1alpha1/namespaces/prod/databasemigrations/app-db/status", |body| json(200, serde_json::json!({"apiVersion": "schemagate.dev/v1alpha1", "kind": "DatabaseMigration", "metadata": {"name": "app-db"}, "spec": serde_yaml::from_str::<serde_json::Value>(MIGRATION).unwrap()["spec"], "status": body["status"]}))).await;
+        let status =
+            unreachable_url_then_status(&mut handle, "postgres://app:n3w-pw@127.0.0.1:1/app").await;
         let ready = status["status"]["conditions"]
             .as_array()
             .unwrap()
