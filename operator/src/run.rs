@@ -96,6 +96,8 @@ pub enum RunError {
     Tls(String),
     #[error("leader election on Lease {lease}: {message}")]
     LeaderElection { lease: String, message: String },
+    #[error("cannot start the webhook server's thread: {0}")]
+    WebhookStart(#[source] std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -236,17 +238,10 @@ pub async fn run(
         ));
         let router = webhook::router(ctx.clone());
         let addr = settings.addr;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        let listener = std::net::TcpListener::bind(addr)
             .map_err(|source| RunError::Listen { addr, source })?;
-        let stop = stopped();
-        tokio::spawn(async move {
-            if let Err(error) =
-                webhook::serve(listener, tls, router, webhook::CONNECTION_LIMITS, stop).await
-            {
-                warn!(%error, "webhook server stopped");
-            }
-        });
+        webhook::serve_apart(listener, tls, router, webhook::CONNECTION_LIMITS, stopped())
+            .map_err(RunError::WebhookStart)?;
     }
 
     let ready_flag = ready.clone();

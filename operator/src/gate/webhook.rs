@@ -201,6 +201,42 @@ pub struct ConnectionLimits {
     pub headers: Duration,
 }
 
+/// Serves the webhook over TLS until `shutdown`, on a thread of its own with a runtime of
+/// its own. Every Deployment write the webhook covers waits for its answer, so an
+/// admission never queues behind the controllers' work: on the operator's runtime a reconcile
+/// that decodes a large list, or a burst of watch events, holds a worker for milliseconds,
+/// and a small machine has only a few. The answer needs only the stores and the readings,
+/// which both runtimes share.
+pub fn serve_apart(
+    listener: std::net::TcpListener,
+    tls: TlsConfig,
+    router: Router,
+    limits: ConnectionLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("webhook".into())
+        .spawn(move || {
+            let served = runtime.block_on(async move {
+                serve(
+                    TcpListener::from_std(listener)?,
+                    tls,
+                    router,
+                    limits,
+                    shutdown,
+                )
+                .await
+            });
+            if let Err(error) = served {
+                tracing::warn!(%error, "webhook server stopped");
+            }
+        })
+}
+
 /// Serves the webhook over TLS until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -216,6 +252,8 @@ pub async fn serve(
             accepted = listener.accept() => accepted?,
             () = &mut shutdown => return Ok(()),
         };
+        // An answer is one small write: nothing to gain from waiting to fill a segment.
+        let _ = stream.set_nodelay(true);
         let config = match tls.read() {
             Ok(config) => config.clone(),
             Err(_) => continue,
@@ -517,6 +555,97 @@ mod tests {
         out
     }
 
+    /// A client config that trusts `ca`.
+    fn client_config(ca: &str) -> ClientConfig {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            roots
+                .add(cert.expect("a CA certificate"))
+                .expect("adding the CA");
+        }
+        ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    }
+
+    /// Posts `review` to the webhook at `addr` over TLS, on a runtime of its own; returns
+    /// the whole HTTP answer.
+    fn post_review(addr: std::net::SocketAddr, ca: &str, review: &serde_json::Value) -> String {
+        use tokio::io::AsyncWriteExt as _;
+        let body = review.to_string();
+        let request = format!(
+            "POST {PATH} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let config = client_config(ca);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let mut tls = TlsConnector::from(Arc::new(config))
+                .connect("127.0.0.1".try_into().expect("a server name"), stream)
+                .await
+                .expect("the handshake completes");
+            tls.write_all(request.as_bytes())
+                .await
+                .expect("the request is sent");
+            let mut answer = String::new();
+            let _ = tls.read_to_string(&mut answer).await;
+            answer
+        })
+    }
+
+    /// The webhook answers on its own thread while the runtime that started it is blocked,
+    /// as the operator's runtime may be by the controllers' work, and its thread ends when
+    /// told to stop.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_webhook_answers_while_the_operators_runtime_is_busy() {
+        let names =
+            CertNames::for_service("schemagate", "test", vec!["127.0.0.1".parse().expect("ip")]);
+        let (cert, _) =
+            generate(&names, k8s_openapi::jiff::Timestamp::now()).expect("a certificate");
+        let tls: TlsConfig = Arc::new(RwLock::new(tls_config(&cert).expect("TLS config")));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let addr = listener.local_addr().expect("address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = serve_apart(listener, tls, router(listed_context()), LIMITS, async {
+            let _ = stopped.await;
+        })
+        .expect("the webhook's thread starts");
+
+        let (answered, answer) = std::sync::mpsc::channel();
+        let ca = cert.ca_bundle_pem.clone();
+        std::thread::spawn(move || {
+            let _ = answered.send(post_review(addr, &ca, &well_formed_review()));
+        });
+        // This runtime's only thread waits here, blocked, until the answer comes.
+        let answer = answer
+            .recv_timeout(Duration::from_secs(10))
+            .expect("answered while the starting runtime was blocked");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let (_, body) = answer.split_once("\r\n\r\n").expect("a body");
+        let review: serde_json::Value = serde_json::from_str(body).expect("an AdmissionReview");
+        assert_eq!(review["response"]["allowed"], true, "{review}");
+        let patch: Vec<u8> = serde_json::from_value(review["response"]["patch"].clone())
+            .expect("a patch: the DatabaseMigration is not known, so the rollout is held");
+        let patch = String::from_utf8(patch).expect("a JSON patch");
+        assert!(patch.contains("/spec/paused"), "held: {patch}");
+
+        stop.send(()).expect("the server is running");
+        let (ended, end) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = ended.send(server.join().is_ok());
+        });
+        assert_eq!(
+            end.recv_timeout(Duration::from_secs(10)),
+            Ok(true),
+            "the webhook's thread ends when told to stop"
+        );
+    }
+
     #[tokio::test]
     async fn a_client_that_never_completes_the_handshake_is_dropped() {
         let (addr, _) = server().await;
@@ -527,15 +656,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_sends_no_request_is_dropped() {
         let (addr, ca) = server().await;
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
-            roots
-                .add(cert.expect("a CA certificate"))
-                .expect("adding the CA");
-        }
-        let config = ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = client_config(&ca);
         let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let mut tls = TlsConnector::from(Arc::new(config))
             .connect("127.0.0.1".try_into().expect("a server name"), stream)
