@@ -507,10 +507,10 @@ fn waiting_for_turn(store: &Store<GuardedMigration>) -> Vec<ObjectRef<GuardedMig
         .collect()
 }
 
-/// Runs both controllers until `shutdown` completes.
 /// How long the end of a term waits for watches writing the status of a release.
 const WATCH_FINISH_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Runs both controllers until `shutdown` completes.
 pub async fn run_controllers(
     ctx: Arc<Context>,
     migrations: &MigrationChanges,

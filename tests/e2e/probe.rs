@@ -477,10 +477,6 @@ async fn other_connections(engine: Engine, url: &str) -> Result<Vec<i64>> {
     })
 }
 
-/// A session (the watch of a running migration Job) reads again and again on the one
-/// connection it opened: each read ends its transaction, so a table created after the
-/// first read and each new version are seen, and a version marked dirty is an answer that
-/// keeps the connection.
 /// A golang-migrate table at `version`, clean.
 async fn golang_migrate_at(engine: Engine, url: &str, version: u64) -> Result<()> {
     let insert =
@@ -488,6 +484,24 @@ async fn golang_migrate_at(engine: Engine, url: &str, version: u64) -> Result<()
     execute(engine, url, &[GOLANG_MIGRATE_DDL, &insert]).await
 }
 
+/// The last statement text PostgreSQL received from the connection with server id `pid`.
+async fn last_postgres_query(url: &str, pid: i64) -> Result<String> {
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    let query: String =
+        sqlx::query_scalar("SELECT query FROM pg_stat_activity WHERE pid = $1::int")
+            .bind(pid)
+            .fetch_one(&mut conn)
+            .await?;
+    conn.close().await?;
+    Ok(query)
+}
+
+/// A session (the watch of a running migration Job) reads again and again on the one
+/// connection it opened: each read ends its transaction, so a table created after the
+/// first read and each new version are seen, and a version marked dirty is an answer that
+/// keeps the connection. On PostgreSQL, once it has found its table, a read is one message
+/// to the server (transaction, query and its end); when the table is gone, it finds out
+/// what is there by the whole read.
 async fn session_reads_again_on_one_connection(engine: Engine) -> Result<()> {
     let url = database(engine, "session").await?;
     let mut session = probe::Session::new(engine, &url, &tool(TrackingTool::GolangMigrate))?;
@@ -525,6 +539,15 @@ async fn session_reads_again_on_one_connection(engine: Engine) -> Result<()> {
     execute(engine, &url, &["UPDATE schema_migrations SET version = 4"]).await?;
     let fourth = session.read().await?;
     ensure!(fourth.revisions == strings(&["4"]), "{fourth:?}");
+    if engine == Engine::Postgres {
+        let last = last_postgres_query(&url, connection[0]).await?;
+        ensure!(
+            last.starts_with("BEGIN READ ONLY")
+                && last.contains("schema_migrations")
+                && last.ends_with("ROLLBACK"),
+            "a read of a found table is one message: {last}"
+        );
+    }
     ensure!(
         other_connections(engine, &url).await? == connection,
         "the same connection throughout"

@@ -105,7 +105,8 @@ async fn reconcile(
     });
     if let (Some(read_at), Some(stored), true) = (read_at, stored, carries_read) {
         ctx.fresh_readings.status_written(&key, read_at, &stored);
-    } // A watch's own reconcile leaves the watches alone: the watch ends by itself.
+    }
+    // A watch's own reconcile leaves the watches alone: the watch ends by itself.
     if !from_watch {
         match plan.status.job.as_ref().map(|job| job.name.as_str()) {
             Some(job) if plan.watch_database && !ctx.revision_poll.is_zero() => {
